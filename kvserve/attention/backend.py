@@ -1,0 +1,77 @@
+"""The attention backend interface and the per-step metadata every backend reads.
+
+A step runs one flat batch of T tokens from B sequences: decode tokens (one new token for a
+sequence) and prefill chunks (several). The model runner builds `AttentionMetadata` once per step;
+each layer then calls `backend.forward(layer, q, k, v, meta)`, which stores the new K/V in the
+pages and attends. Sequences with exactly one new token take the decode path, the others the
+prefill path; both see the same thing: every slot a head holds, minus the chunk's own future.
+
+Observations (what compression policies ask for) are computed only when the metadata asks:
+- `observe_decode`: for decode rows, per slot, the probability summed and maxed over the query
+  heads of each KV group -> `decode_scores[layer] = (sum, max)`, each [Bd, Hkv, S] float32;
+- `observe_window > 0`: for prefill rows, the probabilities of the last `observe_window` queries of
+  the chunk, summed over them and over the group -> `window_scores[layer]`, [Bp, Hkv, S] float32.
+S = P * block_size; entries at or beyond a head's length are zero.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    block_tables: torch.Tensor  # [B, L, Hkv, P] int32, P = pages of the longest head in the batch
+    seq_lens: torch.Tensor  # [B, L, Hkv] int32, tokens held per head after this step's append
+    slot_index: torch.Tensor  # [L, T, Hkv] int64, flat page * block_size + offset of each new token
+    decode_rows: torch.Tensor  # [Bd] int64, batch rows with one new token
+    decode_tokens: torch.Tensor  # [Bd] int64, their token index in the flat batch
+    prefill_rows: torch.Tensor  # [Bp] int64, batch rows with a chunk of several tokens
+    prefill_tokens: torch.Tensor  # [Tp] int64, those rows' token indices, row by row
+    prefill_query_start_loc: torch.Tensor  # [Bp + 1] int64, offsets into prefill_tokens
+    observe_decode: bool = False
+    observe_window: int = 0
+    decode_scores: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    window_scores: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def has_decode(self) -> bool:
+        return self.decode_rows.numel() > 0
+
+    @property
+    def has_prefill(self) -> bool:
+        return self.prefill_rows.numel() > 0
+
+
+class AttentionBackend(ABC):
+    """Stores K/V into the shared page pool and computes paged grouped-query attention."""
+
+    name: str
+
+    def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> None:
+        self.k_pages = k_pages
+        self.v_pages = v_pages
+        self.scale = scale
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hkv, D] -> attention output [T, Hq, D]."""
+
+
+def create_backend(name: str, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> AttentionBackend:
+    """`auto` is triton where the pool lives on a CUDA device, torch otherwise."""
+    if name == "auto":
+        name = "triton" if k_pages.is_cuda else "torch"
+    if name == "torch":
+        from kvserve.attention.torch_backend import TorchBackend
+
+        return TorchBackend(k_pages, v_pages, scale)
+    if name == "triton":
+        from kvserve.attention.triton_backend import TritonBackend
+
+        return TritonBackend(k_pages, v_pages, scale)
+    raise ValueError(f"unknown attention backend {name!r}")

@@ -1,0 +1,66 @@
+"""The page pool: the KV memory of the whole server, in pages of one (layer, KV head) each.
+
+A page holds `block_size` token slots of ONE KV head of ONE layer, keys and values at full
+width. Page 0 is a null page that is never handed out: padded page-table entries point at it,
+so gathers through a table never read out of bounds. Every other page is either on the free
+stack or owned by exactly one (sequence, layer, head) list in a `PageTable`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PagePool:
+    def __init__(self, num_pages: int, block_size: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        if num_pages < 2:
+            raise ValueError("the pool needs at least one usable page besides the null page")
+        self.num_pages = num_pages
+        self.block_size = block_size
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.k_pages = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
+        self.v_pages = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
+        # a stack of free page ids: the top `pages_free` entries of `_free` are free
+        self._free = torch.arange(num_pages - 1, 0, -1, dtype=torch.int32)
+        self.pages_free = num_pages - 1
+
+    @property
+    def capacity(self) -> int:
+        """Pages that can be handed out (the null page excluded)."""
+        return self.num_pages - 1
+
+    @property
+    def pages_used(self) -> int:
+        return self.capacity - self.pages_free
+
+    @property
+    def page_bytes(self) -> int:
+        return 2 * self.block_size * self.head_dim * self.k_pages.element_size()
+
+    @staticmethod
+    def pages_for_memory(memory_bytes: int, block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+        page_bytes = 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+        return memory_bytes // page_bytes
+
+    def allocate(self, count: int) -> torch.Tensor:
+        """Pop `count` free page ids (int32); raises OutOfPages without taking any when short."""
+        if count > self.pages_free:
+            raise OutOfPages(f"asked for {count} pages, {self.pages_free} free")
+        self.pages_free -= count
+        return self._free[self.pages_free:self.pages_free + count].clone()
+
+    def release(self, pages: torch.Tensor) -> None:
+        count = pages.numel()
+        if count == 0:
+            return
+        self._free[self.pages_free:self.pages_free + count] = pages.to(torch.int32)
+        self.pages_free += count
+
+    def free_ids(self) -> torch.Tensor:
+        return self._free[:self.pages_free]

@@ -1,0 +1,112 @@
+"""Per-sequence page lists: for every (sequence row, layer, KV head) a list of pages and a length.
+
+The tensors `tables [rows, L, Hkv, max_pages]` and `lengths [rows, L, Hkv]` are persistent and
+updated in place (kernels read them directly); a sequence owns one row for as long as it holds
+cache. Invariants (`check_invariants`): a head of length n owns exactly ceil(n / block_size)
+pages, held in the first entries of its list; every page is free or owned exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.cache.page_pool import PagePool
+
+
+def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return (a + b - 1) // b
+
+
+class PageTable:
+    def __init__(self, pool: PagePool, max_rows: int, num_layers: int, kv_heads: int, max_tokens: int) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.max_pages = -(-max_tokens // pool.block_size)
+        self.tables = torch.zeros(max_rows, num_layers, kv_heads, self.max_pages, dtype=torch.int32)
+        self.lengths = torch.zeros(max_rows, num_layers, kv_heads, dtype=torch.int32)
+        self._rows_free = list(range(max_rows - 1, -1, -1))
+        self._layer = torch.arange(num_layers)[None, :, None]
+        self._head = torch.arange(kv_heads)[None, None, :]
+
+    @property
+    def rows_free(self) -> int:
+        return len(self._rows_free)
+
+    def acquire_row(self) -> int:
+        return self._rows_free.pop()
+
+    def release_row(self, row: int) -> None:
+        """Return every page of the row to the pool and the row to the free list."""
+        self.truncate_row(row)
+        self._rows_free.append(row)
+
+    def truncate_row(self, row: int) -> None:
+        held = _ceil_div(self.lengths[row].long(), self.block_size)
+        owned = torch.arange(self.max_pages) < held[..., None]
+        self.pool.release(self.tables[row][owned])
+        self.tables[row].zero_()
+        self.lengths[row].zero_()
+
+    def pages_needed(self, rows: torch.Tensor, counts: torch.Tensor) -> int:
+        """Pages an `append(rows, counts)` would take from the pool."""
+        lens = self.lengths[rows].long()
+        grown = lens + counts[:, None, None]
+        return int((_ceil_div(grown, self.block_size) - _ceil_div(lens, self.block_size)).sum())
+
+    def append(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Grow every head of each row by counts[i] slots, taking pages as needed.
+
+        rows, counts: [B] int64. Returns the flat slot index (page * block_size + offset) of each
+        new token in every layer and head, [L, T, Hkv] with T = counts.sum(), tokens row by row.
+        Raises OutOfPages (changing nothing) when the pool is short.
+        """
+        lens = self.lengths[rows].long()
+        grown = lens + counts[:, None, None]
+        if int(grown.max()) > self.max_pages * self.block_size:
+            raise ValueError("a sequence grew past the page table's capacity")
+        have = _ceil_div(lens, self.block_size)
+        extra = (_ceil_div(grown, self.block_size) - have).flatten()
+        total = int(extra.sum())
+        if total:
+            pages = self.pool.allocate(total)
+            head_of_page = torch.repeat_interleave(torch.arange(extra.numel()), extra)
+            first = torch.cumsum(extra, 0) - extra
+            index_in_head = have.flatten()[head_of_page] + torch.arange(total) - first[head_of_page]
+            row_i, layer_i, head_i = torch.unravel_index(head_of_page, extra.new_empty(lens.shape).shape)
+            self.tables[rows[row_i], layer_i, head_i, index_in_head] = pages
+        self.lengths[rows] = grown.to(torch.int32)
+
+        token_row = torch.repeat_interleave(torch.arange(rows.numel()), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        offset = torch.arange(token_row.numel()) - starts[token_row]
+        pos = lens[token_row] + offset[:, None, None]  # [T, L, Hkv]
+        page = self.tables[rows[token_row][:, None, None], self._layer, self._head, pos // self.block_size]
+        slot = page.long() * self.block_size + pos % self.block_size
+        return slot.permute(1, 0, 2).contiguous()
+
+    def batch_view(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [B, L, Hkv, P] (P: pages of the longest head) and lengths [B, L, Hkv] of rows."""
+        lens = self.lengths[rows]
+        pages = max(1, int(_ceil_div(lens.max(), self.block_size)))
+        return self.tables[rows, :, :, :pages], lens
+
+    def check_invariants(self, live_rows: list[int] | None = None) -> None:
+        """Raise AssertionError unless every page is free or owned by exactly one head."""
+        rows = [r for r in range(self.tables.shape[0]) if r not in set(self._rows_free)]
+        if live_rows is not None:
+            assert sorted(rows) == sorted(live_rows), f"rows in use {rows} != live rows {live_rows}"
+        lens = self.lengths.long()
+        assert int(lens.max()) <= self.max_pages * self.block_size
+        held = _ceil_div(lens, self.block_size)
+        owned_mask = torch.arange(self.max_pages) < held[..., None]
+        owned = self.tables[owned_mask].long()
+        assert bool((owned > 0).all()), "a head owns the null page"
+        for r in self._rows_free:
+            assert int(self.lengths[r].abs().sum()) == 0, f"free row {r} holds tokens"
+        every = torch.cat([owned, self.pool.free_ids().long()])
+        assert every.numel() == self.pool.capacity, (
+            f"{owned.numel()} owned + {self.pool.pages_free} free != {self.pool.capacity} pages")
+        assert torch.equal(torch.sort(every).values, torch.arange(1, self.pool.num_pages)), \
+            "a page is owned twice or lost"

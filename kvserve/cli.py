@@ -1,0 +1,94 @@
+"""`kvserve serve | generate | bench` (also `python -m kvserve ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kvserve.engine.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="built-in name (default SmolLM2-135M-Instruct), an HF folder or a .gguf file")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-cache-memory", type=int, default=None,
+                        help="bytes of KV cache (default: a tenth of free memory)")
+    parser.add_argument("--block-size", type=int, default=16, help="token slots per page")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--kv-policy", default=None, help="default policy: a name or a JSON object")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        attention_backend=args.attention_backend, kv_policy=args.kv_policy)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("KVSERVE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="kvserve")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0)
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                       help="larger request bodies get 413 (1 MiB: a full 8k-token context is far less)")
+
+    generate = commands.add_parser("generate", help="generate from one prompt and print the text")
+    add_engine_args(generate)
+    generate.add_argument("prompt")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_kinds = bench.add_subparsers(dest="kind", required=True)
+    engine_bench = bench_kinds.add_parser("engine", help="offline throughput and latency vs transformers")
+    add_engine_args(engine_bench)
+    engine_bench.add_argument("--num-requests", type=int, default=32)
+    engine_bench.add_argument("--input-len", type=int, default=512)
+    engine_bench.add_argument("--output-len", type=int, default=128)
+    engine_bench.add_argument("--skip-hf", action="store_true", help="do not run the transformers baselines")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from kvserve.server.api_server import run_server
+
+        return run_server(args, engine_config(args))
+    if args.command == "generate":
+        return _generate(args)
+    from kvserve.engine.bench import run_engine_bench
+
+    return run_engine_bench(args, engine_config(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(engine_config(args))
+    tokenizer = engine.tokenizer
+    if args.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    out = engine.generate([list(ids)], params)[0]
+    sys.stdout.write(tokenizer.decode(out, skip_special_tokens=True) + "\n")
+    return 0

@@ -1,0 +1,186 @@
+"""The synchronous engine: add requests, `step()` until done, abort. One thread drives it."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kvserve.engine.config import EngineConfig
+from kvserve.engine.detokenizer import IncrementalDetokenizer
+from kvserve.engine.model_runner import ModelRunner
+from kvserve.engine.outputs import KVUsage, RequestOutput, TokenLogprob
+from kvserve.engine.sampler import SamplerOutput, sample
+from kvserve.engine.sampling_params import SamplingParams
+from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.sequence import Sequence, Status
+from kvserve.model.loader import load_tokenizer
+from kvserve.policies.registry import create_policy, parse_policy
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot serve; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    pages_total: int
+    pages_free: int
+    page_bytes: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.model_config = self.runner.model_config
+        self.max_model_len = self.runner.max_model_len
+        self.tokenizer = load_tokenizer(self.runner.folder)
+        self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens)
+        self.default_policy = parse_policy(config.kv_policy)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.seqs: dict[str, Sequence] = {}
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    kv_policy: Any = None) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the model's context length of {self.max_model_len} tokens", "max_tokens")
+        policy_params = parse_policy(kv_policy, self.default_policy)
+        policy = create_policy(policy_params)
+        bound = min(total, policy.tokens_bound(len(prompt_token_ids), params.max_tokens,
+                                                self.config.max_num_batched_tokens))
+        if self.scheduler.pages_for_tokens(bound) > self.runner.pool.capacity:
+            raise InvalidRequest(f"the request needs more KV cache ({bound} tokens per head) than the whole "
+                                 "pool holds; raise --kv-cache-memory or compress harder", "max_tokens")
+        seq = Sequence(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
+            policy_params=policy_params, policy=policy,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+            seed=params.seed if params.seed is not None else random.getrandbits(63),
+        )
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        return self._finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        pool = self.runner.pool
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), pool.capacity,
+                           pool.pages_free, pool.page_bytes, self.scheduler.num_preemptions)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits, sampling = self.runner.execute(batch)
+        for seq, pages in zip(batch.seqs, self.runner.kv_pages_held([s.row for s in batch.seqs])):
+            seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
+        if not sampling:
+            return []
+        sampled = [batch.seqs[i] for i in sampling]
+        result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled],
+                        [len(s.output_token_ids) for s in sampled], [s.output_token_ids for s in sampled])
+        now = time.monotonic()
+        outputs = []
+        for i, seq in enumerate(sampled):
+            token = result.token_ids[i]
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            seq.output_token_ids.append(token)
+            if seq.params.logprobs is not None:
+                seq.output_logprobs.append(self._logprob(result, i, token, seq.params.logprobs))
+            self._check_stop(seq, token)
+            outputs.append(self._finish(seq) if seq.finish_reason else self._output(seq))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        stop_string = seq.detokenizer.add(token)
+        if stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+        elif token in seq.params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif token in self.eos_token_ids and not seq.params.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _logprob(self, result: SamplerOutput, i: int, token: int, top: int) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        alternatives = []
+        if top:
+            ids = result.top_ids[i, :top].tolist()
+            alternatives = list(zip(ids, [decode([t]) for t in ids], result.top_logprobs[i, :top].tolist()))
+        return TokenLogprob(token, decode([token]), float(result.logprobs[i]), alternatives)
+
+    def _kv_usage(self, seq: Sequence) -> KVUsage:
+        runner = self.runner
+        held = runner.kv_pages_held([seq.row])[0] if seq.row is not None else 0
+        full = self.scheduler.pages_for_tokens(seq.num_computed) * runner.pool.page_bytes
+        return KVUsage(seq.policy_params.name, held * runner.pool.page_bytes, full, seq.kv_bytes_peak)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        new_tokens = seq.output_token_ids[seq.emitted_tokens:]
+        logprobs = seq.output_logprobs[seq.emitted_tokens:] if seq.params.logprobs is not None else None
+        seq.emitted_tokens = len(seq.output_token_ids)
+        finished = seq.status is Status.FINISHED
+        return RequestOutput(
+            request_id=seq.request_id, text=seq.detokenizer.take(final=finished), token_ids=new_tokens,
+            logprobs=logprobs, finished=finished, finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
+            kv_usage=self._kv_usage(seq) if finished else None, stop_reason=seq.stop_reason,
+            metrics=seq.metrics if finished else None)
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        usage = self._kv_usage(seq)
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
+        seq.metrics.finished_time = time.monotonic()
+        out = self._output(seq)
+        out.kv_usage = usage
+        return out
+
+    # ---- convenience -------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, kv_policy: Any = None
+                 ) -> list[list[int]]:
+        """Run prompts (token ids) to completion; return each one's generated token ids."""
+        ids = [f"generate-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, params, kv_policy)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                tokens[out.request_id].extend(out.token_ids)
+        return [tokens[rid] for rid in ids]

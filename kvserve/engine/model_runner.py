@@ -1,0 +1,74 @@
+"""Turns a scheduled batch into one forward pass: tokens, positions, page appends, metadata."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvserve.attention.backend import AttentionMetadata, create_backend
+from kvserve.cache.page_pool import PagePool
+from kvserve.cache.page_table import PageTable
+from kvserve.engine.config import EngineConfig
+from kvserve.engine.scheduler import ScheduledBatch
+from kvserve.model.config import ModelConfig
+from kvserve.model.llama import LlamaModel
+from kvserve.model.loader import load_weights, resolve_model
+
+log = logging.getLogger("kvserve.engine")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.folder = resolve_model(config.model)
+        self.model_config = mc = ModelConfig.from_folder(self.folder)
+        self.dtype = config.torch_dtype
+        self.model = LlamaModel(mc, load_weights(self.folder), self.dtype)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        memory = config.resolved_kv_cache_memory()
+        num_pages = PagePool.pages_for_memory(memory, config.block_size, mc.head_dim, self.dtype)
+        self.pool = PagePool(num_pages, config.block_size, mc.head_dim, self.dtype)
+        self.table = PageTable(self.pool, config.max_num_seqs, mc.num_layers, mc.num_kv_heads, self.max_model_len)
+        self.backend = create_backend(config.attention_backend, self.pool.k_pages, self.pool.v_pages,
+                                      mc.head_dim ** -0.5)
+        token_bytes = mc.num_layers * mc.num_kv_heads * 2 * mc.head_dim * self.pool.k_pages.element_size()
+        log.info("KV cache: %.1f MiB in %d pages of %d tokens (one layer, one KV head each): "
+                 "%d full-cache tokens", memory / 2**20, num_pages, config.block_size,
+                 self.pool.capacity * config.block_size * 2 * mc.head_dim * self.pool.k_pages.element_size()
+                 // token_bytes)
+
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Run the batch; return logits [n, vocab] and the batch indices of the n sampling sequences."""
+        seqs = batch.seqs
+        counts = torch.tensor(batch.counts)
+        rows = torch.tensor([s.row for s in seqs])
+        starts = torch.tensor([s.num_computed for s in seqs])
+        input_ids = torch.tensor([t for s, c in zip(seqs, batch.counts)
+                                  for t in s.token_slice(s.num_computed, s.num_computed + c)])
+        ends = torch.cumsum(counts, 0)
+        token_seq = torch.repeat_interleave(torch.arange(len(seqs)), counts)
+        positions = starts[token_seq] + torch.arange(input_ids.numel()) - (ends - counts)[token_seq]
+
+        slot_index = self.table.append(rows, counts)
+        block_tables, seq_lens = self.table.batch_view(rows)
+        is_decode = counts == 1
+        decode_rows = torch.nonzero(is_decode)[:, 0]
+        prefill_rows = torch.nonzero(~is_decode)[:, 0]
+        prefill_counts = counts[prefill_rows]
+        meta = AttentionMetadata(
+            block_tables=block_tables, seq_lens=seq_lens, slot_index=slot_index,
+            decode_rows=decode_rows, decode_tokens=ends[decode_rows] - 1,
+            prefill_rows=prefill_rows,
+            prefill_tokens=torch.nonzero(~is_decode[token_seq])[:, 0],
+            prefill_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(prefill_counts, 0)]),
+        )
+        sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts)) if s.num_computed + c == s.num_tokens]
+        logits = self.model.forward(input_ids, positions, meta, self.backend, ends[sampling] - 1)
+        for s, c in zip(seqs, batch.counts):
+            s.num_computed += c
+        return logits, sampling
+
+    def kv_pages_held(self, rows: list[int]) -> list[int]:
+        """Pages each row holds across all its layers and heads."""
+        lens = self.table.lengths[torch.tensor(rows)].long()
+        return ((lens + self.pool.block_size - 1) // self.pool.block_size).sum(dim=(1, 2)).tolist()

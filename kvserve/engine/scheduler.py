@@ -1,0 +1,139 @@
+"""Continuous batching: which sequences advance in the next step, and by how many tokens.
+
+Each step: every running sequence that is decoding gets its one token first; then running
+sequences still prefilling get chunks; then waiting requests are admitted in arrival order, each
+only when its row, its chunk and the pages its prompt will need fit. The step holds at most
+`max_num_batched_tokens` tokens and `max_num_seqs` sequences. When the pool runs out, the most
+recently admitted running sequence is preempted: its pages are freed and it goes back to the
+front of the queue to be recomputed. Arrival order is never overtaken, so nothing starves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.cache.page_table import PageTable
+from kvserve.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    counts: list[int]  # tokens each sequence feeds this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.counts)
+
+
+class Scheduler:
+    def __init__(self, table: PageTable, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.table = table
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.num_preemptions = 0
+        self._heads = table.num_layers * table.kv_heads
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def pages_for_tokens(self, tokens: int) -> int:
+        return self._heads * -(-tokens // self.table.block_size)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = self._schedule_once()
+        # prefilling sequences admitted together can block each other on pages; the newest yields
+        while not batch.seqs and self.running:
+            self.preempt(self.running[-1])
+            batch = self._schedule_once()
+        return batch
+
+    def _schedule_once(self) -> ScheduledBatch:
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        decoding = self._fit_decodes(decoding)
+        seqs, counts = list(decoding), [1] * len(decoding)
+        budget = self.max_num_batched_tokens - len(decoding)
+
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.num_uncomputed <= 1 or seq.status is not Status.RUNNING:
+                continue
+            chunk = min(seq.num_uncomputed, budget)
+            if not self._fits(seq, chunk):
+                continue
+            seqs.append(seq)
+            counts.append(chunk)
+            budget -= chunk
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.table.rows_free:
+            seq = self.waiting[0]
+            chunk = min(seq.num_uncomputed, budget)
+            # admit only when the whole remaining prompt's pages are free, beyond one page per head
+            # of headroom for every running sequence's next decode steps
+            headroom = self._heads * (len(self.running) + 1)
+            if self.pages_for_tokens(self._footprint(seq)) + headroom > self.table.pool.pages_free:
+                break
+            self.waiting.popleft()
+            seq.row = self.table.acquire_row()
+            seq.status = Status.RUNNING
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            seqs.append(seq)
+            counts.append(chunk)
+            budget -= chunk
+        return ScheduledBatch(seqs, counts)
+
+    def _footprint(self, seq: Sequence) -> int:
+        """Tokens one head of `seq` holds once its prompt (or recompute) is in the cache."""
+        bound = seq.policy.tokens_bound(len(seq.prompt_token_ids), seq.params.max_tokens,
+                                        self.max_num_batched_tokens)
+        return min(seq.num_tokens, bound)
+
+    def _fits(self, seq: Sequence, count: int) -> bool:
+        rows = torch.tensor([seq.row])
+        return self.table.pages_needed(rows, torch.tensor([count])) <= self.table.pool.pages_free
+
+    def _fit_decodes(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Preempt from the back of `running` until every decoding sequence's next token fits."""
+        while decoding:
+            rows = torch.tensor([s.row for s in decoding])
+            if self.table.pages_needed(rows, torch.ones_like(rows)) <= self.table.pool.pages_free:
+                break
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim in decoding:
+                decoding.remove(victim)
+        return decoding
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.table.release_row(seq.row)
+        seq.row = None
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.policy.reset()
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is and return its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.row is not None:
+            self.table.release_row(seq.row)
+            seq.row = None
+        seq.status = Status.FINISHED

@@ -1,0 +1,58 @@
+"""One request's life in the engine: its tokens, how many of them are in the cache, its state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kvserve.engine.detokenizer import IncrementalDetokenizer
+from kvserve.engine.outputs import RequestMetrics, TokenLogprob
+from kvserve.engine.sampling_params import SamplingParams
+from kvserve.policies.base import Policy, PolicyParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request. `num_computed` tokens of `token_ids` have their K/V in the cache; the scheduler
+    feeds the rest (a prompt in chunks, then one sampled token per step). Preemption drops the
+    cache and sets `num_computed` to 0; the tokens themselves are kept and recomputed."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    policy_params: PolicyParams
+    policy: Policy
+    detokenizer: IncrementalDetokenizer
+    seed: int
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed: int = 0
+    row: int | None = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
+    kv_bytes_peak: int = 0
+    # how far the caller has been told: token and logprob counts already emitted
+    emitted_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt = len(self.prompt_token_ids)
+        if end <= prompt:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]

@@ -1,0 +1,147 @@
+"""One API request inside the engine: `n` samples per prompt, each its own engine sequence, their
+outputs merged into one stream in the order they are produced.
+
+Leaving `Generation.outputs()` early (the client went away, the server is shutting down) aborts
+every sample still running, which returns its pages to the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from kvserve.engine.outputs import KVUsage, RequestOutput, TokenLogprob
+from kvserve.engine.sampling_params import SamplingParams
+from kvserve.policies.base import PolicyParams
+from kvserve.server.state import ServerState
+
+T = TypeVar("T")
+
+
+@dataclass
+class Sample:
+    """One choice of the response (`index`) and what it has produced so far."""
+
+    index: int
+    prompt_index: int
+    params: SamplingParams
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    kv_usage: KVUsage | None = None
+    last_output_time: float | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.logprobs.extend(out.logprobs or ())
+        self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = out.completion_tokens
+        if out.finished:
+            self.finish_reason, self.stop_reason, self.kv_usage = out.finish_reason, out.stop_reason, out.kv_usage
+
+
+class Generation:
+    def __init__(self, state: ServerState, request_id: str, prompts: Sequence[list[int]], params: SamplingParams,
+                 n: int, policy: PolicyParams | None) -> None:
+        """Admit the request (a 429 when the queue is full); nothing runs until `outputs()` is iterated."""
+        self.state = state
+        self.request_id = request_id
+        self.prompts = prompts
+        self.policy = policy
+        self.policy_name = (policy or state.default_policy).name
+        # with a seed, sample i draws from seed + i: reproducible, yet the n samples differ (as in vLLM)
+        self.samples = [Sample(p * n + i, p, params if params.seed is None or i == 0
+                               else dataclasses.replace(params, seed=params.seed + i))
+                        for p in range(len(prompts)) for i in range(n)]
+        self.first_output_time: float | None = None
+        self._released: set[int] = set()
+        state.admission.admit(self.policy_name, len(self.samples))
+
+    async def outputs(self) -> AsyncIterator[tuple[Sample, RequestOutput]]:
+        engine, metrics = self.state.engine, self.state.metrics
+        streams = [engine.generate(self._engine_id(s), self.prompts[s.prompt_index], s.params, self.policy)
+                   for s in self.samples]
+        abandoned = False
+        self.state.generations.add(self)
+        try:
+            async for i, out in merge_streams(streams):
+                sample = self.samples[i]
+                now = time.monotonic()
+                if sample.last_output_time is not None:
+                    metrics.inter_token(now - sample.last_output_time)
+                elif self.first_output_time is None:
+                    self.first_output_time = now
+                sample.last_output_time = now
+                sample.add(out)
+                if out.finished:
+                    self._release(sample)
+                    metrics.finished(self.policy_name, out, sample.params.max_tokens)
+                yield sample, out
+        except (asyncio.CancelledError, GeneratorExit):
+            abandoned = True
+            raise
+        finally:
+            self.state.generations.discard(self)
+            self.close(abandoned)
+
+    def abort(self) -> None:
+        """Stop every unfinished sample; each then ends with finish_reason "abort"."""
+        for sample in self.samples:
+            if sample.finish_reason is None:
+                self.state.engine.abort(self._engine_id(sample))
+
+    def close(self, abandoned: bool) -> None:
+        """Give back the admission of every sample that has not finished (again: a no-op).
+
+        Also needed when `outputs()` never started: its own cleanup then never runs."""
+        for sample in self.samples:
+            if sample.index not in self._released:
+                self._release(sample)
+                if abandoned:
+                    self.state.metrics.aborted(self.policy_name)
+
+    def _engine_id(self, sample: Sample) -> str:
+        return f"{self.request_id}-{sample.index}"
+
+    def _release(self, sample: Sample) -> None:
+        self._released.add(sample.index)
+        self.state.admission.release(self.policy_name)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.completion_tokens for s in self.samples)
+
+
+async def merge_streams(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged with the iterator's index.
+
+    On exit (exhausted, error, or closed early) every iterator is closed: pending reads are
+    cancelled inside them, so each runs its own cleanup."""
+    pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+                yield i, item
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()

@@ -1,0 +1,323 @@
+"""The OpenAI wire format: request models (validated here, so a bad field is a 400 that names it)
+and response models. Field names follow OpenAI, and vLLM where OpenAI has none (`top_k`, `min_p`,
+`stop_token_ids`, `ignore_eos`); `kv_policy` is kvserve's extension."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from kvserve.policies.base import PolicyParams
+from kvserve.policies.registry import parse_policy
+
+MAX_LOGPROBS = 20  # the sampler returns at most this many alternatives per token
+
+
+def _utf8(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"), which no tokenizer can encode
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
+class OpenAIModel(BaseModel):
+    # clients send vendor extensions freely; fields that would change the output are declared
+    # (and rejected when unsupported), the rest are ignored
+    model_config = ConfigDict(extra="ignore")
+
+
+class FieldError(ValueError):
+    """A cross-field check that fails; `param` names the field the client should change."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class SamplingFields(OpenAIModel):
+    """The fields both endpoints share."""
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool = False
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    kv_policy: str | dict[str, Any] | None = None
+
+    _policy: PolicyParams | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> SamplingFields:
+        # validated by the policy's own pydantic model; its PolicyError names the field (kv_policy.budget)
+        self._policy = None if self.kv_policy is None else parse_policy(self.kv_policy)
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options is only allowed when stream is true", "stream_options")
+        if self.logit_bias:
+            raise FieldError("logit_bias is not supported", "logit_bias")
+        return self
+
+    @property
+    def policy(self) -> PolicyParams | None:
+        """The validated kv_policy; None means the server's default."""
+        return self._policy
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+Prompt = Text | list[Text] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        # one clear message instead of one error per member of the union
+        def is_ids(v: Any) -> bool:
+            return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+        ok = (isinstance(value, str) or is_ids(value)
+              or (isinstance(value, list) and (all(isinstance(v, str) for v in value)
+                                               or all(is_ids(v) for v in value))))
+        if not ok:
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists "
+                             "of token ids")
+        if value in ("", []) or (isinstance(value, list) and any(v in ("", []) for v in value)):
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> CompletionRequest:
+        if self.echo:
+            raise FieldError("echo is not supported (the engine does not return prompt logprobs)", "echo")
+        if self.suffix:
+            raise FieldError("suffix (insertion) is not supported", "suffix")
+        if self.best_of not in (None, self.n):
+            raise FieldError("best_of is not supported; use n", "best_of")
+        return self
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The batch of prompts: strings or token-id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return self.prompt  # type: ignore[return-value]
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "user", "assistant"]
+    content: Text | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.tools:
+            raise FieldError("tools (function calling) are not supported", "tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise FieldError("only response_format type 'text' is supported", "response_format")
+        return self
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None and self.max_tokens is not None \
+            else "max_completion_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+class KVCacheUsage(BaseModel):
+    policy: str
+    bytes: int
+    full_bytes: int
+    peak_bytes: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    kv_cache: KVCacheUsage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: str | int | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+def _omit_none(value: Any) -> bool:
+    return value is None
+
+
+class Delta(BaseModel):
+    # only the first chunk of a choice names the role, as OpenAI's do
+    role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=_omit_none)
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(None, exclude_if=_omit_none)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvserve"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,31 @@
+"""What every request handler shares: the engine and the server's bookkeeping around it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvserve.engine.async_engine import AsyncEngine
+from kvserve.policies.base import PolicyParams
+from kvserve.server.admission import Admission
+from kvserve.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from kvserve.server.generation import Generation
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    admission: Admission
+    metrics: ServerMetrics
+    model_name: str  # what clients put in `model`
+    model_root: str  # where the weights came from
+    default_policy: PolicyParams
+    log_prompts: bool = False
+    generations: set[Generation] = field(default_factory=set)  # the requests in the engine now
+
+    def abort_all(self) -> None:
+        """End every request in the engine now; each still gets its response (finish_reason "abort")."""
+        for gen in list(self.generations):
+            gen.abort()

@@ -1,0 +1,172 @@
+"""The engine on the real default model: logits against transformers, batch invariance,
+preemption, sampling and the passkey check. The model loads once for this module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve.engine.config import EngineConfig
+from kvserve.engine.llm_engine import InvalidRequest, LLMEngine
+from kvserve.engine.sampling_params import SamplingParams
+from kvserve.eval.passkey import passkey_correct, passkey_prompt
+from tests.helpers import feed, make_sequence
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LLMEngine(EngineConfig(kv_cache_memory=256 << 20, max_num_batched_tokens=1024, max_num_seqs=32))
+
+
+@pytest.fixture(autouse=True)
+def pool_returns_to_full(request):
+    yield
+    if "engine" in request.fixturenames:
+        eng = request.getfixturevalue("engine")
+        assert not eng.has_unfinished()
+        eng.runner.table.check_invariants(live_rows=[])
+        assert eng.runner.pool.pages_free == eng.runner.pool.capacity
+
+
+@pytest.fixture(scope="module")
+def hf_model(engine):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(engine.runner.folder, dtype=torch.float32).eval()
+
+
+def text_prompts(engine, lengths: list[int]) -> list[list[int]]:
+    words = ("river stone lantern music copper orchard winter signal harbor meadow glass thunder "
+             "pepper violin canyon ember").split()
+    gen = torch.Generator().manual_seed(11)
+    prompts = []
+    for n in lengths:
+        picks = torch.randint(0, len(words), (n,), generator=gen).tolist()
+        ids = engine.tokenizer(" ".join(words[i] for i in picks))["input_ids"]
+        prompts.append(ids[:n])
+    return prompts
+
+
+@pytest.mark.parametrize("length,chunks", [(6, [6]), (300, [300]), (700, [256, 256, 188])])
+def test_real_model_logits_match_transformers(engine, hf_model, length, chunks):
+    ids = text_prompts(engine, [length])[0]
+    decode_steps = 4
+    with torch.no_grad():
+        full = hf_model.generate(torch.tensor([ids]), max_new_tokens=decode_steps, do_sample=False)[0].tolist()
+        expected = hf_model(torch.tensor([full])).logits[0]
+    runner = engine.runner
+    seq = make_sequence(full)
+    seq.row = runner.table.acquire_row()
+    try:
+        fed = 0
+        for count in chunks + [1] * decode_steps:
+            view = make_sequence(full[: fed + count])
+            view.row, view.num_computed = seq.row, fed
+            logits = feed(runner, [view], [count])
+            fed += count
+            assert (logits[0] - expected[fed - 1]).abs().max().item() < 1e-4, f"after {fed} tokens"
+    finally:
+        runner.table.release_row(seq.row)
+
+
+@pytest.fixture(scope="module")
+def invariance_prompts(engine):
+    lengths = [10, 1500, 37, 800, 120, 64, 1024, 250, 15, 600, 333, 90, 1200, 48, 400, 700]
+    return text_prompts(engine, lengths)
+
+
+@pytest.fixture(scope="module")
+def alone(engine, invariance_prompts):
+    return [engine.generate([p], GREEDY)[0] for p in invariance_prompts]
+
+
+def test_batch_invariance(engine, invariance_prompts, alone):
+    together = engine.generate(invariance_prompts, GREEDY)
+    assert together == alone
+    assert all(len(t) == GREEDY.max_tokens for t in together)
+
+
+def test_preemption_completes_with_same_tokens(invariance_prompts, alone):
+    # room for about two of the longest prompts at once: the scheduler must preempt and recompute
+    small = LLMEngine(EngineConfig(kv_cache_memory=4000 * 30 * 3 * 2 * 64 * 4, max_num_batched_tokens=512,
+                                   max_num_seqs=16))
+    assert small.generate(invariance_prompts, GREEDY) == alone
+    assert small.scheduler.num_preemptions > 0
+    small.runner.table.check_invariants(live_rows=[])
+    assert small.runner.pool.pages_free == small.runner.pool.capacity
+
+
+def test_passkey_full_cache(engine):
+    cases = [passkey_prompt(engine.tokenizer, 2000, depth=(i + 0.5) / 10, seed=i) for i in range(10)]
+    prompts = [engine.tokenizer(c.prompt)["input_ids"] for c in cases]
+    answers = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    correct = sum(passkey_correct(c, engine.tokenizer.decode(a)) for c, a in zip(cases, answers))
+    assert correct >= 7, f"{correct}/10 passkeys retrieved"
+
+
+def test_seeded_sampling_ignores_the_batch(engine, invariance_prompts):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    prompt = invariance_prompts[2]
+    alone_out = engine.generate([prompt], params)[0]
+    batch_out = engine.generate([invariance_prompts[0], prompt, invariance_prompts[4]], params)
+    assert batch_out[1] == alone_out
+    other_seed = SamplingParams(max_tokens=10, temperature=0.9, seed=99, ignore_eos=True)
+    assert engine.generate([prompt], other_seed)[0] != alone_out
+
+
+def test_top_k_one_is_greedy(engine, invariance_prompts):
+    prompt = invariance_prompts[3]
+    sampled = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=1.5, top_k=1, ignore_eos=True))
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert sampled == greedy
+
+
+def test_stop_strings_tokens_and_logprobs(engine):
+    tok = engine.tokenizer
+    prompt = tok("Count: one, two, three, four, five, six, seven,")["input_ids"]
+    engine.add_request("stop", prompt, SamplingParams(max_tokens=20, temperature=0, stop=[" nine"], logprobs=3))
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    text = "".join(o.text for o in outs)
+    assert outs[-1].finished and outs[-1].finish_reason == "stop" and outs[-1].stop_reason == " nine"
+    assert " eight," in text and "nine" not in text
+    logprobs = [lp for o in outs for lp in o.logprobs]
+    assert len(logprobs) == outs[-1].completion_tokens
+    for lp in logprobs:
+        assert len(lp.top) == 3 and lp.logprob <= 0
+        assert lp.top[0][2] >= lp.top[1][2] >= lp.top[2][2]
+        assert lp.logprob == pytest.approx(lp.top[0][2], abs=1e-5)  # greedy picks the most likely
+
+    eight = tok(" eight")["input_ids"][0]
+    engine.add_request("stop-id", prompt, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[eight]))
+    while engine.has_unfinished():
+        last = engine.step()
+    assert last[-1].token_ids[-1] == eight and last[-1].stop_reason == eight
+
+
+def test_penalties_change_repetition(engine):
+    prompt = engine.tokenizer("the the the the the the the the")["input_ids"]
+    plain = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    penalised = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                         frequency_penalty=2.0, presence_penalty=2.0))[0]
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_abort_frees_pages(engine, invariance_prompts):
+    engine.add_request("long", invariance_prompts[1], SamplingParams(max_tokens=50, temperature=0))
+    engine.step()
+    assert engine.runner.pool.pages_free < engine.runner.pool.capacity
+    out = engine.abort("long")
+    assert out.finished and out.finish_reason == "abort"
+
+
+def test_invalid_requests_name_the_field(engine):
+    with pytest.raises(InvalidRequest) as e:
+        engine.add_request("too-long", [1] * 100, SamplingParams(max_tokens=engine.max_model_len))
+    assert e.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest) as e:
+        engine.add_request("bad-token", [10**7], SamplingParams())
+    assert e.value.param == "prompt"
