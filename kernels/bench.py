@@ -16,12 +16,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from kvserve.kernels.paged_decode import gather_pages, paged_decode
-from kvserve.kernels.paged_prefill import paged_prefill
-from kvserve.kernels.store_kv import store_kv, store_kv_ref
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
+
+from kvserve.kernels.paged_decode import gather_pages, paged_decode
+from kvserve.kernels.paged_prefill import paged_prefill
+from kvserve.kernels.store_kv import store_kv, store_kv_ref
 
 DEVICE = "cuda"
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16

@@ -43,11 +43,12 @@ def paged_decode_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     keys = gather_pages(k_pages, block_tables)
     values = gather_pages(v_pages, block_tables)
     slots = keys.shape[2]
-    logits = torch.matmul(q.view(batch, kv_heads, group, dim), keys.transpose(-1, -2)).float() * scale
-    held = torch.arange(slots, device=q.device) < seq_lens[..., None]
-    logits.masked_fill_(~held[:, :, None, :], float("-inf"))
+    # scaling the few query rows is cheaper than scaling the [B, Hkv, G, S] logits
+    logits = torch.matmul((q * scale).view(batch, kv_heads, group, dim), keys.transpose(-1, -2)).float()
+    outside = torch.arange(slots, device=q.device) >= seq_lens[..., None]
+    logits.masked_fill_(outside[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
+    probs = logits.sub_(lse[..., None]).exp_()
     out = torch.matmul(probs.to(values.dtype), values).view(batch, q_heads, dim)
     scores = (probs.sum(2), probs.amax(2)) if want_scores else None
     return out, lse.view(batch, q_heads), scores

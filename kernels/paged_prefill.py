@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 from kvserve.kernels.paged_decode import dot_precision, gather_pages, partition_size_for
 
 

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     engine_bench.add_argument("--num-requests", type=int, default=32)
     engine_bench.add_argument("--input-len", type=int, default=512)
     engine_bench.add_argument("--output-len", type=int, default=128)
+    engine_bench.add_argument("--hf-sequential", type=int, default=4,
+                              help="requests timed through transformers one at a time (its rate is per token)")
     engine_bench.add_argument("--skip-hf", action="store_true", help="do not run the transformers baselines")
 
     args = parser.parse_args(argv)

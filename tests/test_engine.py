@@ -170,3 +170,34 @@ def test_invalid_requests_name_the_field(engine):
     with pytest.raises(InvalidRequest) as e:
         engine.add_request("bad-token", [10**7], SamplingParams())
     assert e.value.param == "prompt"
+
+
+def test_incremental_detokenizer_never_splits_a_character(engine):
+    from kvserve.engine.detokenizer import IncrementalDetokenizer
+
+    text = "héllo 🙂 wörld — 漢字 ok"
+    ids = engine.tokenizer(text)["input_ids"]
+    assert len(ids) > len(text.split())  # some characters span several tokens
+    detok = IncrementalDetokenizer(engine.tokenizer, stop=[])
+    pieces = []
+    for token in ids:
+        detok.add(token)
+        pieces.append(detok.take(final=False))
+    pieces.append(detok.take(final=True))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == engine.tokenizer.decode(ids)
+
+
+def test_stop_string_prefix_is_held_back_until_resolved(engine):
+    from kvserve.engine.detokenizer import IncrementalDetokenizer
+
+    ids = engine.tokenizer("alpha beta gamma delta")["input_ids"]
+    detok = IncrementalDetokenizer(engine.tokenizer, stop=[" gamma delta"])
+    emitted = ""
+    for token in ids:
+        stop = detok.add(token)
+        emitted += detok.take(final=stop is not None)
+        assert "gam" not in emitted
+        if stop:
+            break
+    assert stop == " gamma delta" and emitted == "alpha beta"

@@ -24,13 +24,12 @@ IN_PROCESS = DEVICE == "cuda" or "triton" not in sys.modules or os.environ.get("
 if DEVICE == "cpu" and IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kvserve.kernels import paged_decode as decode  # noqa: E402
-from kvserve.kernels import paged_prefill as prefill  # noqa: E402
-from kvserve.kernels import store_kv as store  # noqa: E402
-
 from kvserve.attention.backend import AttentionMetadata  # noqa: E402
 from kvserve.attention.torch_backend import TorchBackend  # noqa: E402
 from kvserve.attention.triton_backend import TritonBackend  # noqa: E402
+from kvserve.kernels import paged_decode as decode  # noqa: E402
+from kvserve.kernels import paged_prefill as prefill  # noqa: E402
+from kvserve.kernels import store_kv as store  # noqa: E402
 
 runs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
                                   "test_kernels_in_a_fresh_process runs this")

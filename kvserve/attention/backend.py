@@ -34,8 +34,17 @@ class AttentionMetadata:
     prefill_query_start_loc: torch.Tensor  # [Bp + 1] int64, offsets into prefill_tokens
     observe_decode: bool = False
     observe_window: int = 0
-    decode_scores: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
-    window_scores: list[torch.Tensor | None] = field(default_factory=list)
+    decode_scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # by layer
+    window_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer
+
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """The step's index tensors on the pool's device (built on the host by the runner)."""
+        if device.type == "cpu":
+            return self
+        for name in ("block_tables", "seq_lens", "slot_index", "decode_rows", "decode_tokens", "prefill_rows",
+                     "prefill_tokens", "prefill_query_start_loc"):
+            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        return self
 
     @property
     def has_decode(self) -> bool:

@@ -32,7 +32,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"
     kv_policy: str | None = None  # the default policy of requests that name none (name or JSON)
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -43,6 +43,12 @@ class EngineConfig:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

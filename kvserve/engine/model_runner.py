@@ -23,11 +23,12 @@ class ModelRunner:
         self.folder = resolve_model(config.model)
         self.model_config = mc = ModelConfig.from_folder(self.folder)
         self.dtype = config.torch_dtype
-        self.model = LlamaModel(mc, load_weights(self.folder), self.dtype)
+        self.device = config.torch_device
+        self.model = LlamaModel(mc, load_weights(self.folder), self.dtype, self.device)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         memory = config.resolved_kv_cache_memory()
         num_pages = PagePool.pages_for_memory(memory, config.block_size, mc.head_dim, self.dtype)
-        self.pool = PagePool(num_pages, config.block_size, mc.head_dim, self.dtype)
+        self.pool = PagePool(num_pages, config.block_size, mc.head_dim, self.dtype, self.device)
         self.table = PageTable(self.pool, config.max_num_seqs, mc.num_layers, mc.num_kv_heads, self.max_model_len)
         self.backend = create_backend(config.attention_backend, self.pool.k_pages, self.pool.v_pages,
                                       mc.head_dim ** -0.5)
@@ -63,7 +64,9 @@ class ModelRunner:
             prefill_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(prefill_counts, 0)]),
         )
         sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts)) if s.num_computed + c == s.num_tokens]
-        logits = self.model.forward(input_ids, positions, meta, self.backend, ends[sampling] - 1)
+        device = self.device
+        logits = self.model.forward(input_ids.to(device), positions.to(device), meta.to(device), self.backend,
+                                    (ends[sampling] - 1).to(device)).cpu()
         for s, c in zip(seqs, batch.counts):
             s.num_computed += c
         return logits, sampling

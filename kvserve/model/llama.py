@@ -55,31 +55,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Layer:
     """One decoder layer's weights, with q/k/v and gate/up fused into single matmuls."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
+                 device: torch.device) -> None:
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-        self.qkv = torch.cat([weights[f"{attn}.{p}_proj.weight"] for p in "qkv"]).to(dtype)
-        biases = [weights.get(f"{attn}.{p}_proj.bias") for p in "qkv"]
-        self.qkv_bias = torch.cat(biases).to(dtype) if biases[0] is not None else None
-        self.o = weights[f"{attn}.o_proj.weight"].to(dtype)
-        self.gate_up = torch.cat([weights[f"{mlp}.gate_proj.weight"], weights[f"{mlp}.up_proj.weight"]]).to(dtype)
-        self.down = weights[f"{mlp}.down_proj.weight"].to(dtype)
-        self.input_norm = weights[f"{prefix}.input_layernorm.weight"].to(dtype)
-        self.post_norm = weights[f"{prefix}.post_attention_layernorm.weight"].to(dtype)
+
+        def load(*names: str) -> torch.Tensor:
+            return torch.cat([weights[n] for n in names]).to(device, dtype)
+
+        self.qkv = load(*(f"{attn}.{p}_proj.weight" for p in "qkv"))
+        has_bias = f"{attn}.q_proj.bias" in weights
+        self.qkv_bias = load(*(f"{attn}.{p}_proj.bias" for p in "qkv")) if has_bias else None
+        self.o = load(f"{attn}.o_proj.weight")
+        self.gate_up = load(f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight")
+        self.down = load(f"{mlp}.down_proj.weight")
+        self.input_norm = load(f"{prefix}.input_layernorm.weight")
+        self.post_norm = load(f"{prefix}.post_attention_layernorm.weight")
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
         self.config = config
         self.dtype = dtype
-        self.embed = weights["model.embed_tokens.weight"].to(dtype)
-        self.layers = [Layer(weights, f"model.layers.{i}", dtype) for i in range(config.num_layers)]
-        self.norm = weights["model.norm.weight"].to(dtype)
+        self.device = torch.device(device)
+        self.embed = weights["model.embed_tokens.weight"].to(device, dtype)
+        self.layers = [Layer(weights, f"model.layers.{i}", dtype, self.device) for i in range(config.num_layers)]
+        self.norm = weights["model.norm.weight"].to(device, dtype)
         head = weights.get("lm_head.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings or head is None else head.to(dtype)
+        self.lm_head = self.embed if config.tie_word_embeddings or head is None else head.to(device, dtype)
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config))
-        self.cos = angles.cos().to(dtype)
-        self.sin = angles.sin().to(dtype)
+        self.cos = angles.cos().to(device, dtype)
+        self.sin = angles.sin().to(device, dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

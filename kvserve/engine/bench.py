@@ -1,0 +1,134 @@
+"""`kvserve bench engine`: offline throughput and batch-1 latency beside HF transformers on the same
+model, machine and run, and how close both come to this machine's measured ceilings."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.engine.config import EngineConfig
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.engine.sampling_params import SamplingParams
+from kvserve.model.config import ModelConfig
+
+
+def random_prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    # skip the lowest ids, which are special tokens in most vocabularies
+    return torch.randint(100, vocab, (count, length), generator=gen).tolist()
+
+
+def flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """Matmul FLOPs of one token: every projection, the LM head, and attention over `context`."""
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size
+    attention = 2 * cfg.num_heads * cfg.head_dim * context
+    return 2 * (cfg.num_layers * (per_layer + attention) + d * cfg.vocab_size)
+
+
+def matmul_rate(cfg: ModelConfig, rows: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of the model's own projection shapes at `rows` rows (the ceiling for that batch size)."""
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = [(q + 2 * kv, d), (d, q), (2 * cfg.intermediate_size, d), (d, cfg.intermediate_size)]
+    weights = [torch.randn(o, i, dtype=dtype) for o, i in shapes]
+    inputs = [torch.randn(rows, i, dtype=dtype) for _, i in shapes]
+    flops = sum(2 * rows * o * i for o, i in shapes)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for x, w in zip(inputs, weights):
+            F.linear(x, w)
+        count += 1
+    return count * flops / (time.perf_counter() - start)
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted once each)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
+def ours_throughput(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> float:
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(o) for o in outputs) / elapsed
+
+
+def ours_decode_latency(engine: LLMEngine, prompt: list[int], steps: int) -> float:
+    """Seconds per decode step at batch 1, prefill excluded."""
+    engine.add_request("latency", prompt, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+    engine.step()  # prefill (and the first token)
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return (time.perf_counter() - start) / steps
+
+
+def hf_generate_time(model, prompts: list[list[int]], new_tokens: int) -> float:  # noqa: ANN001
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
+    config.max_num_seqs = max(config.max_num_seqs, args.num_requests)
+    engine = LLMEngine(config)
+    cfg, dtype = engine.model_config, config.torch_dtype
+    prompts = random_prompts(cfg.vocab_size, args.num_requests, args.input_len)
+    print(f"model {engine.runner.folder.name}, {dtype}, {torch.get_num_threads()} threads; "
+          f"{args.num_requests} requests x {args.input_len} prompt tokens x {args.output_len} generated, greedy")
+
+    ours_tps = ours_throughput(engine, prompts, args.output_len)
+    ours_step = ours_decode_latency(engine, prompts[0], min(args.output_len, 64))
+
+    mid_context = args.input_len + args.output_len // 2
+    rate_batch = matmul_rate(cfg, args.num_requests, dtype)
+    rate_one = matmul_rate(cfg, 1, dtype)
+    bandwidth = copy_bandwidth()
+    weight_bytes = sum(t.numel() * t.element_size() for layer in engine.runner.model.layers
+                       for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    weight_bytes += engine.runner.model.lm_head.numel() * engine.runner.model.lm_head.element_size()
+    fpt = flops_per_token(cfg, mid_context)
+
+    rows = [("kvserve output tokens/s", ours_tps, None)]
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(engine.runner.folder, dtype=dtype).eval()
+        sequential = prompts[: args.hf_sequential]
+        seq_time = sum(hf_generate_time(hf, [p], args.output_len) for p in sequential)
+        hf_one_tps = len(sequential) * args.output_len / seq_time
+        hf_batch_tps = args.num_requests * args.output_len / hf_generate_time(hf, prompts, args.output_len)
+        steps = min(args.output_len, 64)
+        hf_step = (hf_generate_time(hf, prompts[:1], steps + 1) - hf_generate_time(hf, prompts[:1], 1)) / steps
+        rows += [(f"transformers one at a time (first {len(sequential)} requests)", hf_one_tps, ours_tps / hf_one_tps),
+                 ("transformers one padded batch", hf_batch_tps, ours_tps / hf_batch_tps)]
+
+    print(f"\n{'throughput':<55}{'tok/s':>10}{'kvserve x':>12}")
+    for name, value, ratio in rows:
+        print(f"{name:<55}{value:>10.1f}{'' if ratio is None else f'{ratio:.2f}x':>12}")
+    print(f"\n{'batch-1 decode':<55}{'ms/token':>10}{'time ratio':>12}")
+    print(f"{'kvserve':<55}{ours_step * 1e3:>10.1f}")
+    if not args.skip_hf:
+        print(f"{'transformers':<55}{hf_step * 1e3:>10.1f}{ours_step / hf_step:>11.2f}x")
+
+    print("\nceilings measured in this run")
+    print(f"  matmul at {args.num_requests} rows (model shapes): {rate_batch / 1e9:.1f} GFLOP/s; "
+          f"at 1 row: {rate_one / 1e9:.1f} GFLOP/s; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"  throughput: {fpt / 1e6:.0f} MFLOP/token x {ours_tps:.1f} tok/s = {fpt * ours_tps / 1e9:.1f} GFLOP/s, "
+          f"{fpt * ours_tps / rate_batch:.0%} of the matmul rate (prefill time included)")
+    print(f"  batch-1 decode: {weight_bytes / 2**20:.0f} MiB of weights per step / {ours_step * 1e3:.1f} ms = "
+          f"{weight_bytes / ours_step / 1e9:.1f} GB/s, {weight_bytes / ours_step / bandwidth:.0%} of copy bandwidth")
+    return 0

@@ -1,0 +1,186 @@
+"""Every error is OpenAI-shaped, has the right status and names the field; generated bodies never
+produce a 5xx."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def post(server: str, path: str, body: object) -> httpx.Response:
+    return httpx.post(f"{server}{path}", json=body, timeout=60)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"]
+    assert "Traceback" not in error["message"]
+    return error
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -0.1}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "bye"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, "prompt"),
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 8192}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi " * 8200, "max_tokens": 1}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "kv_policy": "h2o-ish"}, "kv_policy.name"),
+    ("/v1/completions", {"prompt": "hi", "kv_policy": {"name": "full", "budget": 3}}, "kv_policy.budget"),
+    ("/v1/completions", {"prompt": "hi", "kv_policy": 5}, "kv_policy"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 9000}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 9000}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 3}, "frequency_penalty"),
+])
+def test_invalid_fields_are_400_naming_the_field(server: str, path: str, body: dict, param: str) -> None:
+    error = assert_error(post(server, path, body), 400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_policy_lists_the_known_ones(server: str) -> None:
+    error = assert_error(post(server, "/v1/completions", {"prompt": "hi", "kv_policy": {"name": "nope"}}), 400,
+                         "kv_policy.name")
+    assert "full" in error["message"]
+
+
+def test_unknown_model_is_404(server: str) -> None:
+    error = assert_error(post(server, "/v1/chat/completions", {"model": "gpt-4o", "messages": USER}), 404, "model")
+    assert error["code"] == "model_not_found"
+
+
+def test_malformed_json_and_non_objects_are_400(server: str) -> None:
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, None)
+    assert_error(post(server, "/v1/completions", [1, 2, 3]), 400, None)
+    r = httpx.post(f"{server}/v1/completions", content=b'{"prompt": "a\\ud800"}',
+                   headers={"content-type": "application/json"})
+    assert_error(r, 400, "prompt")  # a lone surrogate no tokenizer can encode
+
+
+def test_body_over_the_limit_is_413(server: str) -> None:
+    error = assert_error(post(server, "/v1/completions", {"prompt": "a" * (1 << 20)}), 413, None)
+    assert "limit" in error["message"]
+
+    def chunked():  # no Content-Length: the limit holds while reading
+        yield b'{"prompt": "'
+        for _ in range(12):
+            yield b"a" * 100_000
+        yield b'"}'
+
+    r = httpx.post(f"{server}/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert_error(r, 413, None)
+
+
+def test_errors_keep_the_server_serving(server: str) -> None:
+    r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+# ---- generated bodies ---------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+small_text = st.text(max_size=12)
+token_ids = st.lists(st.integers(-3, 60000), max_size=4)
+# values around the valid ranges; max_tokens stays small so a valid body generates a few tokens only
+sampling_fields = {
+    "max_tokens": st.sampled_from([-1, 0, 1, 2, 2.5, "2", 10**9]),
+    "temperature": st.sampled_from([-1, 0, 0.7, 2, 2.1, "hot"]),
+    "top_p": st.sampled_from([0, 0.5, 1, 1.5]),
+    "top_k": st.sampled_from([-2, -1, 0, 5]),
+    "min_p": st.sampled_from([-0.1, 0, 0.2, 1.1]),
+    "presence_penalty": st.sampled_from([-3, 0, 1.5]),
+    "frequency_penalty": st.sampled_from([-2, 0, 2.5]),
+    "seed": st.sampled_from([None, -1, 0, 7, 2**64, 2**65, "x"]),
+    "n": st.sampled_from([-1, 0, 1, 2, "two"]),
+    "stop": st.one_of(st.none(), small_text, st.lists(small_text, max_size=2), st.integers()),
+    "stop_token_ids": st.one_of(st.none(), token_ids),
+    "ignore_eos": st.sampled_from([True, False, "yes"]),
+    "stream": st.booleans(),
+    "stream_options": st.one_of(st.none(), st.fixed_dictionaries({"include_usage": st.booleans()}), small_text),
+    "kv_policy": st.one_of(st.none(), small_text, st.sampled_from(["full", {"name": "full"}, '{"name": "full"}',
+                                                                   '{"name": ', {"name": "h2o", "ratio": 0.5}]),
+                           st.dictionaries(small_text, json_values, max_size=2)),
+    "model": st.sampled_from(["SmolLM2-135M-Instruct", "other", 3]),
+    "user": st.one_of(st.none(), small_text),
+}
+prompt = st.one_of(small_text, st.lists(small_text, max_size=2), token_ids, st.lists(token_ids, max_size=2),
+                   json_values)
+logprobs = st.one_of(st.none(), st.integers(-1, 22), st.booleans())
+message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "x"]),
+                           "content": st.one_of(small_text, st.lists(st.fixed_dictionaries(
+                               {"type": st.sampled_from(["text", "image_url"]), "text": small_text}), max_size=2),
+                               st.none(), st.integers())}),
+    json_values)
+
+
+def completion_bodies() -> st.SearchStrategy[object]:
+    fields = st.fixed_dictionaries({"prompt": prompt, "max_tokens": sampling_fields["max_tokens"]},
+                                   optional={**{k: v for k, v in sampling_fields.items() if k != "max_tokens"},
+                                             "logprobs": logprobs, "echo": st.booleans(), "suffix": small_text})
+    return st.one_of(fields, json_values)
+
+
+def chat_bodies() -> st.SearchStrategy[object]:
+    # max_tokens is always present: without it a valid chat request may generate the whole context
+    fields = st.fixed_dictionaries(
+        {"messages": st.one_of(st.lists(message, max_size=3), json_values), "max_tokens": sampling_fields["max_tokens"]},
+        optional={**{k: v for k, v in sampling_fields.items() if k != "max_tokens"},
+                  "max_completion_tokens": st.sampled_from([-1, 0, 1, 2, "x"]), "logprobs": logprobs,
+                  "top_logprobs": st.one_of(st.none(), st.integers(-1, 22))})
+    return st.one_of(fields, json_values)
+
+
+def check_no_server_error(server: str, path: str, body: object) -> None:
+    with httpx.stream("POST", f"{server}{path}", content=json.dumps(body).encode(), timeout=60,
+                      headers={"content-type": "application/json"}) as r:
+        text = r.read().decode()
+    assert r.status_code < 500, (body, r.status_code, text)
+    if r.status_code != 200:
+        assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert text.endswith("data: [DONE]\n\n")
+        assert '"error"' not in text, text
+    else:
+        assert json.loads(text)["choices"]
+
+
+fuzz = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@fuzz
+@given(body=completion_bodies())
+def test_generated_completion_bodies_never_5xx(server: str, body: object) -> None:
+    check_no_server_error(server, "/v1/completions", body)
+
+
+@fuzz
+@given(body=chat_bodies())
+def test_generated_chat_bodies_never_5xx(server: str, body: object) -> None:
+    check_no_server_error(server, "/v1/chat/completions", body)
