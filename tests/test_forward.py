@@ -63,3 +63,15 @@ def test_mixed_batch_matches_each_alone(tiny):
     logits = feed(runner, seqs, [1, 3, 75])
     for row, prompt in enumerate(prompts):
         assert (logits[row] - reference_logits(reference, prompt)[-1]).abs().max().item() < 1e-4
+
+
+def test_bfloat16_tracks_float32(tiny):
+    folder, _ = tiny
+    ids = torch.randint(0, 320, (50,), generator=torch.Generator().manual_seed(5)).tolist()
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        runner = runner_for(folder, kv_cache_memory=4 << 20, block_size=8, dtype=dtype)
+        assert runner.pool.k_pages.dtype == runner.model.dtype
+        logits[dtype] = feed(runner, [make_sequence(ids)], [50])[0]
+    reference = logits["float32"]
+    assert (logits["bfloat16"] - reference).abs().max().item() < 0.05 * reference.abs().max().item()

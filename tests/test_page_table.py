@@ -83,3 +83,40 @@ def test_null_page_is_never_handed_out():
     assert sorted(pages.tolist()) == [1, 2, 3, 4]
     with pytest.raises(OutOfPages):
         pool.allocate(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=3), st.integers(0, 2**31))
+def test_evict_keeps_exactly_the_kept_tokens_and_frees_pages(lengths, seed):
+    table = new_table(pages=200, rows=4)
+    pool = table.pool
+    rows = torch.tensor([table.acquire_row() for _ in lengths])
+    slots = table.append(rows, torch.tensor(lengths))
+    # tag every stored key with a unique value: (token index + 1) in channel 0
+    tags = torch.arange(1, slots.numel() + 1, dtype=torch.float32).view(slots.shape)
+    pool.k_pages.view(-1, 8)[slots.flatten(), 0] = tags.flatten()
+    longest = max(lengths)
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(len(lengths), LAYERS, HEADS, longest, generator=gen) < 0.5
+    held = torch.arange(longest) < torch.tensor(lengths)[:, None, None, None]
+    keep &= held
+    expected = [[[sorted(tags[layer, sum(lengths[:i]) + j, head].item() for j in range(lengths[i])
+                         if keep[i, layer, head, j]) for head in range(HEADS)] for layer in range(LAYERS)]
+                for i in range(len(lengths))]
+    state = torch.arange(keep.numel()).view(keep.shape)
+    src, dst = table.evict(rows, keep)
+    state.view(-1)[dst] = state.view(-1)[src]
+    table.check_invariants(live_rows=rows.tolist())
+    for i, row in enumerate(rows.tolist()):
+        for layer in range(LAYERS):
+            for head in range(HEADS):
+                n = int(table.lengths[row, layer, head])
+                pages = table.tables[row, layer, head]
+                got = [pool.k_pages[int(pages[s // BLOCK]), s % BLOCK, 0].item() for s in range(n)]
+                assert sorted(got) == expected[i][layer][head]
+                # per-slot state followed its token: slot s now holds what was at state index s' with that tag
+                moved = state[i, layer, head, :n] % longest
+                assert sorted(moved.tolist()) == [j for j in range(lengths[i]) if keep[i, layer, head, j]]
+    for row in rows.tolist():
+        table.release_row(row)
+    assert pool.pages_free == pool.capacity

@@ -110,3 +110,40 @@ class PageTable:
             f"{owned.numel()} owned + {self.pool.pages_free} free != {self.pool.capacity} pages")
         assert torch.equal(torch.sort(every).values, torch.arange(1, self.pool.num_pages)), \
             "a page is owned twice or lost"
+
+    def evict(self, rows: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the slots where `keep` is False and give their pages back.
+
+        rows: [n]; keep: [n, L, Hkv, S] bool, False beyond each head's length. Kept slots above a
+        head's new length move down into the holes below it (order is not preserved: keys carry
+        their RoPE, so attention does not care), then whole pages past the new length return to
+        the pool. Returns (src, dst): flat indices into [n, L, Hkv, S] of every move, so that a
+        caller's per-slot state can follow with `state.view(-1)[dst] = state.view(-1)[src]`.
+        """
+        n, layers, heads, slots = keep.shape
+        lens = self.lengths[rows].long()
+        new_lens = keep.sum(-1)
+        below = torch.arange(slots) < new_lens[..., None]
+        dst = torch.nonzero((~keep & below).flatten())[:, 0]
+        src = torch.nonzero((keep & ~below).flatten())[:, 0]
+        # both lists run head by head in slot order, with as many holes as fillers per head: they pair up
+        if dst.numel():
+            head = dst // slots
+            row, layer, kv_head = rows[head // (layers * heads)], (head // heads) % layers, head % heads
+            pages = self.tables[row, layer, kv_head]
+            src_slot, dst_slot = src % slots, dst % slots
+            bs = self.block_size
+            src_flat = pages.gather(1, (src_slot // bs)[:, None])[:, 0].long() * bs + src_slot % bs
+            dst_flat = pages.gather(1, (dst_slot // bs)[:, None])[:, 0].long() * bs + dst_slot % bs
+            for store in (self.pool.k_pages, self.pool.v_pages):
+                flat = store.view(-1, store.shape[-1])
+                flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
+        old_pages = _ceil_div(lens, self.block_size)
+        new_pages = _ceil_div(new_lens, self.block_size)
+        page_index = torch.arange(self.max_pages)
+        freed = (page_index >= new_pages[..., None]) & (page_index < old_pages[..., None])
+        row_tables = self.tables[rows]
+        self.pool.release(row_tables[freed])
+        self.tables[rows] = row_tables.masked_fill(freed, 0)
+        self.lengths[rows] = new_lens.to(torch.int32)
+        return src, dst

@@ -40,8 +40,7 @@ class Sequence:
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
     kv_bytes_peak: int = 0
-    # how far the caller has been told: token and logprob counts already emitted
-    emitted_tokens: int = 0
+    emitted_tokens: int = 0  # output tokens already handed to the caller
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +51,7 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without concatenating the two."""
         prompt = len(self.prompt_token_ids)
-        if end <= prompt:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        head = self.prompt_token_ids[start:end] if start < prompt else []
+        return head + self.output_token_ids[max(0, start - prompt):max(0, end - prompt)]
