@@ -40,7 +40,7 @@ def make_sequence(prompt: list[int], params: SamplingParams | None = None, polic
     policy_params = parse_policy(policy)
     params = params or SamplingParams(max_tokens=1, temperature=0)
     return Sequence(request_id=f"test-{id(prompt)}", prompt_token_ids=list(prompt), params=params,
-                    policy_params=policy_params, policy=create_policy(policy_params),
+                    policy_params=policy_params, policy=create_policy(policy_params, len(prompt)),
                     detokenizer=IncrementalDetokenizer(None, []), seed=0)
 
 
@@ -54,5 +54,5 @@ def feed(runner: ModelRunner, seqs: list[Sequence], counts: list[int]) -> torch.
     for seq in seqs:
         if seq.row is None:
             seq.row = runner.table.acquire_row()
-    logits, _ = runner.execute(ScheduledBatch(seqs, counts))
+    logits, _, _ = runner.execute(ScheduledBatch(seqs, counts))
     return logits

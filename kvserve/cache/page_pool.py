@@ -4,6 +4,11 @@ A page holds `block_size` token slots of ONE KV head of ONE layer, keys and valu
 width. Page 0 is a null page that is never handed out: padded page-table entries point at it,
 so gathers through a table never read out of bounds. Every other page is either on the free
 stack or owned by exactly one (sequence, layer, head) list in a `PageTable`.
+
+Beside K and V every slot carries a little metadata that moves with its token when a policy
+compacts a head: the token's position in its sequence and two float32 scores a policy may keep
+(accumulated attention, a counter). Paging it like K/V costs 12 bytes per slot (about 2% of a
+float32 head_dim-64 slot) and needs no per-sequence buffers sized for the longest context.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ class PagePool:
         self.dtype = dtype
         self.k_pages = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
         self.v_pages = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
+        self.slot_positions = torch.zeros(num_pages * block_size, dtype=torch.int32, device=device)
+        self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32, device=device)
+        self.slot_aux = torch.zeros(num_pages * block_size, dtype=torch.float32, device=device)
         # a stack of free page ids: the top `pages_free` entries of `_free` are free
         self._free = torch.arange(num_pages - 1, 0, -1, dtype=torch.int32)
         self.pages_free = num_pages - 1
@@ -38,6 +46,12 @@ class PagePool:
     @property
     def pages_used(self) -> int:
         return self.capacity - self.pages_free
+
+    @property
+    def slot_stores(self) -> tuple[torch.Tensor, ...]:
+        """Everything kept per slot, each viewed as [num_pages * block_size, ...]."""
+        return (self.k_pages.view(-1, self.head_dim), self.v_pages.view(-1, self.head_dim),
+                self.slot_positions, self.slot_scores, self.slot_aux)
 
     @property
     def page_bytes(self) -> int:

@@ -55,12 +55,13 @@ class PageTable:
         grown = lens + counts[:, None, None]
         return int((_ceil_div(grown, self.block_size) - _ceil_div(lens, self.block_size)).sum())
 
-    def append(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def append(self, rows: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Grow every head of each row by counts[i] slots, taking pages as needed.
 
-        rows, counts: [B] int64. Returns the flat slot index (page * block_size + offset) of each
-        new token in every layer and head, [L, T, Hkv] with T = counts.sum(), tokens row by row.
-        Raises OutOfPages (changing nothing) when the pool is short.
+        rows, counts: [B] int64; positions: [T] the new tokens' positions in their sequences (kept
+        as slot metadata; a policy's scores of the new slots start at zero). Returns the flat slot
+        index (page * block_size + offset) of each new token in every layer and head, [L, T, Hkv]
+        with T = counts.sum(), tokens row by row. Raises OutOfPages (changing nothing) when short.
         """
         lens = self.lengths[rows].long()
         grown = lens + counts[:, None, None]
@@ -84,7 +85,17 @@ class PageTable:
         pos = lens[token_row] + offset[:, None, None]  # [T, L, Hkv]
         page = self.tables[rows[token_row][:, None, None], self._layer, self._head, pos // self.block_size]
         slot = page.long() * self.block_size + pos % self.block_size
+        if positions is not None:
+            self.pool.slot_positions[slot] = positions[:, None, None].to(torch.int32)
+            self.pool.slot_scores[slot] = 0
+            self.pool.slot_aux[slot] = 0
         return slot.permute(1, 0, 2).contiguous()
+
+    def slot_index(self, rows: torch.Tensor, slots: int) -> torch.Tensor:
+        """Flat pool slot of every (row, layer, head, slot < slots), [n, L, Hkv, slots] (null page past a head)."""
+        pages = self.tables[rows, :, :, : -(-slots // self.block_size)].long()
+        flat = (pages[..., None] * self.block_size + torch.arange(self.block_size)).flatten(-2)
+        return flat[..., :slots]
 
     def batch_view(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables [B, L, Hkv, P] (P: pages of the longest head) and lengths [B, L, Hkv] of rows."""
@@ -116,9 +127,9 @@ class PageTable:
 
         rows: [n]; keep: [n, L, Hkv, S] bool, False beyond each head's length. Kept slots above a
         head's new length move down into the holes below it (order is not preserved: keys carry
-        their RoPE, so attention does not care), then whole pages past the new length return to
-        the pool. Returns (src, dst): flat indices into [n, L, Hkv, S] of every move, so that a
-        caller's per-slot state can follow with `state.view(-1)[dst] = state.view(-1)[src]`.
+        their RoPE, so attention does not care) with their slot metadata, then whole pages past the
+        new length return to the pool. Returns (src, dst): flat indices into [n, L, Hkv, S] of every
+        move, so that a caller's own per-slot tensors can follow: `t.view(-1)[dst] = t.view(-1)[src]`.
         """
         n, layers, heads, slots = keep.shape
         lens = self.lengths[rows].long()
@@ -135,9 +146,8 @@ class PageTable:
             bs = self.block_size
             src_flat = pages.gather(1, (src_slot // bs)[:, None])[:, 0].long() * bs + src_slot % bs
             dst_flat = pages.gather(1, (dst_slot // bs)[:, None])[:, 0].long() * bs + dst_slot % bs
-            for store in (self.pool.k_pages, self.pool.v_pages):
-                flat = store.view(-1, store.shape[-1])
-                flat.index_copy_(0, dst_flat, flat.index_select(0, src_flat))
+            for store in self.pool.slot_stores:
+                store.index_copy_(0, dst_flat, store.index_select(0, src_flat))
         old_pages = _ceil_div(lens, self.block_size)
         new_pages = _ceil_div(new_lens, self.block_size)
         page_index = torch.arange(self.max_pages)

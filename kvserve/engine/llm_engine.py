@@ -11,6 +11,7 @@ from kvserve.engine.config import EngineConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.outputs import KVUsage, RequestOutput, TokenLogprob
+from kvserve.engine.policy_runner import PolicyRunner
 from kvserve.engine.sampler import SamplerOutput, sample
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.engine.scheduler import Scheduler
@@ -45,6 +46,7 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = load_tokenizer(self.runner.folder)
         self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens)
+        self.policies = PolicyRunner(self.runner.table, self.model_config.group_size)
         self.default_policy = parse_policy(config.kv_policy)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -68,9 +70,8 @@ class LLMEngine:
                 f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the model's context length of {self.max_model_len} tokens", "max_tokens")
         policy_params = parse_policy(kv_policy, self.default_policy)
-        policy = create_policy(policy_params)
-        bound = min(total, policy.tokens_bound(len(prompt_token_ids), params.max_tokens,
-                                                self.config.max_num_batched_tokens))
+        policy = create_policy(policy_params, len(prompt_token_ids))
+        bound = min(total, policy.tokens_bound(params.max_tokens, self.config.max_num_batched_tokens))
         if self.scheduler.pages_for_tokens(bound) > self.runner.pool.capacity:
             raise InvalidRequest(f"the request needs more KV cache ({bound} tokens per head) than the whole "
                                  "pool holds; raise --kv-cache-memory or compress harder", "max_tokens")
@@ -104,9 +105,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits, sampling = self.runner.execute(batch)
+        logits, sampling, meta = self.runner.execute(batch, *self.policies.observations(batch))
+        # the peak is reached now, before the policies cut the step's new tokens back
         for seq, pages in zip(batch.seqs, self.runner.kv_pages_held([s.row for s in batch.seqs])):
             seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
+        self.policies.after_step(batch, meta)
         if not sampling:
             return []
         sampled = [batch.seqs[i] for i in sampling]

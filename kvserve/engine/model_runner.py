@@ -38,8 +38,10 @@ class ModelRunner:
                  self.pool.capacity * config.block_size * 2 * mc.head_dim * self.pool.k_pages.element_size()
                  // token_bytes)
 
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Run the batch; return logits [n, vocab] and the batch indices of the n sampling sequences."""
+    def execute(self, batch: ScheduledBatch, observe_decode: bool = False, observe_window: int = 0
+                ) -> tuple[torch.Tensor, list[int], AttentionMetadata]:
+        """Run the batch; return logits [n, vocab], the batch indices of the n sampling sequences,
+        and the step's metadata (with the observations the policies asked for)."""
         seqs = batch.seqs
         counts = torch.tensor(batch.counts)
         rows = torch.tensor([s.row for s in seqs])
@@ -50,7 +52,7 @@ class ModelRunner:
         token_seq = torch.repeat_interleave(torch.arange(len(seqs)), counts)
         positions = starts[token_seq] + torch.arange(input_ids.numel()) - (ends - counts)[token_seq]
 
-        slot_index = self.table.append(rows, counts)
+        slot_index = self.table.append(rows, counts, positions)
         block_tables, seq_lens = self.table.batch_view(rows)
         is_decode = counts == 1
         decode_rows = torch.nonzero(is_decode)[:, 0]
@@ -62,6 +64,7 @@ class ModelRunner:
             prefill_rows=prefill_rows,
             prefill_tokens=torch.nonzero(~is_decode[token_seq])[:, 0],
             prefill_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(prefill_counts, 0)]),
+            observe_decode=observe_decode, observe_window=observe_window,
         )
         sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts)) if s.num_computed + c == s.num_tokens]
         device = self.device
@@ -69,7 +72,7 @@ class ModelRunner:
                                     (ends[sampling] - 1).to(device)).cpu()
         for s, c in zip(seqs, batch.counts):
             s.num_computed += c
-        return logits, sampling
+        return logits, sampling, meta
 
     def kv_pages_held(self, rows: list[int]) -> list[int]:
         """Pages each row holds across all its layers and heads."""

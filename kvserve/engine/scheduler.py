@@ -96,8 +96,7 @@ class Scheduler:
 
     def _footprint(self, seq: Sequence) -> int:
         """Tokens one head of `seq` holds once its prompt (or recompute) is in the cache."""
-        bound = seq.policy.tokens_bound(len(seq.prompt_token_ids), seq.params.max_tokens,
-                                        self.max_num_batched_tokens)
+        bound = seq.policy.tokens_bound(seq.params.max_tokens, self.max_num_batched_tokens)
         return min(seq.num_tokens, bound)
 
     def _fits(self, seq: Sequence, count: int) -> bool:
@@ -124,7 +123,6 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        seq.policy.reset()
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:

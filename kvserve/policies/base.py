@@ -1,19 +1,28 @@
 """The compression-policy interface.
 
 A policy is chosen per request. `Params` is a pydantic model (the API contract: validated, listed
-with its JSON schema by `GET /v1/kv/policies`); one `Policy` instance is created per sequence and
-owns whatever per-sequence state its algorithm needs. Invariants every policy keeps:
+with its JSON schema by `GET /v1/kv/policies`). One `Policy` instance per sequence holds its
+parameters and bounds; the work is done by the classmethod `act`, once per step for all the
+sequences of that policy in the batch at once, on `PolicyStep` tensors (no loop over sequences,
+layers or heads). Per-token state lives in the slot metadata of the page pool (position, score,
+aux), so it moves with its token when a head is compacted and is freed with its page.
 
-- it only shrinks a head's token list (through the page table), never grows it;
-- after it acts, every (layer, KV head) of its sequence holds at most `tokens_bound(...)` tokens,
-  which the scheduler trusts when it admits requests.
+Invariants every policy keeps:
+- it only removes tokens (`act` returns which slots to keep), never adds any;
+- after it acts, no head of a sequence holds more than `tokens_bound(...)` tokens, which the
+  scheduler trusts when it admits requests;
+- it reads only what it declared: `needs_decode_scores`, `prefill_window(...)`; the backend
+  computes nothing else for it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class PolicyParams(BaseModel):
@@ -22,16 +31,98 @@ class PolicyParams(BaseModel):
     name: str
 
 
+class BudgetParams(PolicyParams):
+    """A per-head token budget, absolute (`budget`) or as a fraction of the prompt (`ratio`)."""
+
+    budget: int | None = Field(default=None, ge=1, description="tokens kept per KV head")
+    ratio: float | None = Field(default=None, gt=0, le=1, description="fraction of the prompt kept per KV head")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetParams:
+        if self.budget is not None and self.ratio is not None:
+            raise ValueError("give either budget or ratio, not both")
+        if self.budget is None and self.ratio is None:
+            self.ratio = 0.5
+        return self
+
+    def budget_for(self, prompt_tokens: int) -> int:
+        if self.budget is not None:
+            return self.budget
+        return max(1, math.ceil(self.ratio * prompt_tokens))
+
+
+@dataclass
+class PolicyStep:
+    """The n sequences of one policy in this step, after the forward pass, as [n, L, Hkv, S] views
+    of their slots (S: the longest head among them). `scores` and `aux` are written back to the
+    pool after `act`; slots at or beyond a head's length (`held` False) are padding."""
+
+    policies: list[Policy]
+    lengths: torch.Tensor  # [n, L, Hkv] tokens held per head, this step's tokens included
+    new_tokens: torch.Tensor  # [n] tokens this step appended
+    decoding: torch.Tensor  # [n] bool: one new token (decode_scores are for these rows)
+    prompt_done: torch.Tensor  # [n] bool: the whole prompt is in the cache after this step
+    newest_position: torch.Tensor  # [n] position of the sequence's last token in the cache
+    held: torch.Tensor  # [n, L, Hkv, S] bool
+    positions: torch.Tensor  # [n, L, Hkv, S] int64: each slot's token position in its sequence
+    scores: torch.Tensor  # [n, L, Hkv, S] float32, policy-defined, zero for a new slot
+    aux: torch.Tensor  # [n, L, Hkv, S] float32, policy-defined, zero for a new slot
+    key_norms: torch.Tensor | None  # [n, L, Hkv, S] L2 norm of each key, for policies that ask
+    decode_sum: torch.Tensor | None  # [n, L, Hkv, S] probability summed over the group (decoding rows)
+    decode_max: torch.Tensor | None  # [n, L, Hkv, S] probability maxed over the group (decoding rows)
+    window: torch.Tensor | None  # [n, L, Hkv, S] prefill observation window column sums
+    group_size: int
+
+    def per_row(self, values: list[float] | list[int]) -> torch.Tensor:
+        """A per-sequence number broadcast against [n, L, Hkv, S]."""
+        return torch.tensor(values)[:, None, None, None]
+
+
 class Policy:
     name: ClassVar[str]
     Params: ClassVar[type[PolicyParams]]
+    needs_decode_scores: ClassVar[bool] = False
+    needs_key_norms: ClassVar[bool] = False
 
-    def __init__(self, params: PolicyParams) -> None:
+    def __init__(self, params: PolicyParams, prompt_tokens: int) -> None:
         self.params = params
+        self.prompt_tokens = prompt_tokens
 
-    def tokens_bound(self, prompt_tokens: int, max_new_tokens: int, chunk_tokens: int) -> int:
+    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         """Most tokens one head of this sequence will ever hold at once."""
-        return prompt_tokens + max_new_tokens
+        return self.prompt_tokens + max_new_tokens
 
-    def reset(self) -> None:
-        """Forget all per-sequence state (the sequence was preempted and will be recomputed)."""
+    def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
+        """How many of a prefill chunk's last queries this policy reads probabilities of (0: none)."""
+        return 0
+
+    @classmethod
+    def act(cls, step: PolicyStep) -> torch.Tensor | None:
+        """Update `step.scores` / `step.aux` in place; return the slots to keep ([n, L, Hkv, S] bool,
+        False where not held) or None to keep everything."""
+        return None
+
+
+def keep_top(scores: torch.Tensor, held: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Keep the protected slots plus the highest-scoring others, `budget` in all per head.
+
+    budget: broadcastable to [n, L, Hkv] (per-row budgets). Heads within budget keep everything.
+    When at most one slot must go per head (decode: one in, one out) an argmin does; otherwise a sort.
+    """
+    lengths = held.sum(-1)
+    budget = budget.expand_as(lengths)
+    over = lengths - budget
+    keep = held.clone()
+    if int(over.max()) <= 0:
+        return keep
+    candidates = held & ~protected
+    ranked = scores.masked_fill(~candidates, float("inf"))
+    if int(over.max()) == 1:
+        victim = ranked.argmin(-1, keepdim=True)
+        evict = (over > 0)[..., None] & candidates & torch.zeros_like(held).scatter_(-1, victim, True)
+        return keep & ~evict
+    # drop the `over` lowest-scoring candidates of each head
+    order = ranked.argsort(dim=-1, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    evict = candidates & (rank < over[..., None])
+    return keep & ~evict

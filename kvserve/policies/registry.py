@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from kvserve.policies.base import Policy, PolicyParams
 
 POLICIES: dict[str, type[Policy]] = {}
-_BUILTIN_MODULES = ("full",)
+_BUILTIN_MODULES = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova")
 
 
 class PolicyError(ValueError):
@@ -62,9 +62,9 @@ def parse_policy(spec: str | dict[str, Any] | PolicyParams | None, default: Poli
         raise PolicyError(f"kv_policy.{field}: {first['msg']}", f"kv_policy.{field}") from None
 
 
-def create_policy(params: PolicyParams) -> Policy:
+def create_policy(params: PolicyParams, prompt_tokens: int) -> Policy:
     _load_builtins()
-    return POLICIES[params.name](params)
+    return POLICIES[params.name](params, prompt_tokens)
 
 
 def describe_policies() -> list[dict[str, Any]]:

@@ -1,0 +1,64 @@
+"""H2O (Zhang et al., 2023): keep the heavy hitters — the tokens that have received the most
+attention so far — plus the most recent tokens.
+
+Score: the attention probability each cached token received, summed over the query heads of its
+KV group and over every query that saw it (a raw sum as in the paper's real-drop code; with
+`normalize`, divided by the number of those queries, as kvpress's ObservedAttentionPress does).
+Prefill chunks add the column sums of all their queries and the cache is cut back to the budget
+after each chunk, so a long prompt's peak is budget + chunk. During decode it is one in, one out
+per head: the lowest-scoring token outside the recent window gives its slot to the new token.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kvserve.policies.base import BudgetParams, Policy, PolicyStep, keep_top
+from kvserve.policies.registry import register
+
+
+class H2OParams(BudgetParams):
+    name: Literal["h2o"] = "h2o"
+    recent: int | None = Field(default=None, ge=0, description="newest tokens always kept (default: half the budget)")
+    normalize: bool = Field(default=False, description="divide each score by the number of queries that saw the token")
+
+
+@register
+class H2OPolicy(Policy):
+    name = "h2o"
+    Params = H2OParams
+    needs_decode_scores = True
+
+    def budget(self) -> int:
+        return self.params.budget_for(self.prompt_tokens)
+
+    def recent(self) -> int:
+        return self.params.recent if self.params.recent is not None else self.budget() // 2
+
+    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
+        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
+
+    def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
+        return chunk_tokens
+
+    @classmethod
+    def act(cls, step: PolicyStep) -> torch.Tensor:
+        decoding = step.decoding[:, None, None, None]
+        if step.decode_sum is not None:
+            step.scores += torch.where(decoding, step.decode_sum, 0.0)
+        if step.window is not None:
+            step.scores += torch.where(decoding, 0.0, step.window)
+        # aux counts the queries that saw each slot: every query of the step from its own position on
+        newest = step.newest_position[:, None, None, None]
+        first_new = newest - step.new_tokens[:, None, None, None] + 1
+        step.aux += (newest + 1 - torch.maximum(step.positions, first_new)).clamp(min=0)
+        step.aux *= step.held
+        normalize = step.per_row([p.params.normalize for p in step.policies])
+        ranking = torch.where(normalize, step.scores / step.aux.clamp(min=1), step.scores)
+        recent = step.per_row([p.recent() for p in step.policies])
+        protected = step.positions > step.newest_position[:, None, None, None] - recent
+        budget = step.per_row([p.budget() for p in step.policies])[..., 0]
+        return keep_top(ranking, step.held, protected, budget)

@@ -1,0 +1,34 @@
+"""Knorm (Devoto et al., 2024): keep the keys of lowest L2 norm, which tend to draw the most
+attention. Needs no attention probabilities at all: a cheap baseline kvpress users compare with.
+Acts after every prefill chunk and decode step, so a head never holds more than budget + chunk."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from kvserve.policies.base import BudgetParams, Policy, PolicyStep, keep_top
+from kvserve.policies.registry import register
+
+
+class KnormParams(BudgetParams):
+    name: Literal["knorm"] = "knorm"
+
+
+@register
+class KnormPolicy(Policy):
+    name = "knorm"
+    Params = KnormParams
+    needs_key_norms = True
+
+    def budget(self) -> int:
+        return self.params.budget_for(self.prompt_tokens)
+
+    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
+        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
+
+    @classmethod
+    def act(cls, step: PolicyStep) -> torch.Tensor:
+        budget = step.per_row([p.budget() for p in step.policies])[..., 0]
+        return keep_top(-step.key_norms, step.held, torch.zeros_like(step.held), budget)

@@ -1,0 +1,70 @@
+"""SnapKV (Li et al., 2024): once the whole prompt is in the cache, the last `window` prompt
+queries vote for the earlier tokens; their summed attention (over the window and the query heads
+of a group), pooled over neighbouring positions, picks `budget - window` tokens to keep beside the
+window itself. Prefill only: generated tokens are appended and never evicted.
+
+The window is read from the prompt's last chunk, so it spans at most that chunk."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from kvserve.policies.base import BudgetParams, Policy, PolicyStep, keep_top
+from kvserve.policies.registry import register
+
+
+class SnapKVParams(BudgetParams):
+    name: Literal["snapkv"] = "snapkv"
+    window: int = Field(default=32, ge=1, description="observation window: the prompt's last queries")
+    kernel: int = Field(default=7, ge=1, description="pooling width over neighbouring positions (odd)")
+    pooling: Literal["max", "avg"] = "max"
+
+
+@register
+class SnapKVPolicy(Policy):
+    name = "snapkv"
+    Params = SnapKVParams
+
+    def budget(self) -> int:
+        return max(self.params.budget_for(self.prompt_tokens), self.params.window)
+
+    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
+        return self.prompt_tokens + max_new_tokens  # the whole prompt is held before it is compressed
+
+    def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
+        return self.params.window if prompt_done else 0
+
+    @classmethod
+    def act(cls, step: PolicyStep) -> torch.Tensor | None:
+        # compress once, at the step that completes the prompt (a 1-token last chunk has no window)
+        acting = step.prompt_done & ~step.decoding
+        if step.window is None or not bool(acting.any()):
+            return None
+        keep = step.held.clone()
+        rows = torch.nonzero(acting)[:, 0]
+        for kernel, pooling in {(step.policies[i].params.kernel, step.policies[i].params.pooling) for i in rows}:
+            same = [i for i in rows.tolist() if (step.policies[i].params.kernel, step.policies[i].params.pooling)
+                    == (kernel, pooling)]
+            keep[same] = cls._select(step, torch.tensor(same), kernel, pooling)
+        return keep
+
+    @classmethod
+    def _select(cls, step: PolicyStep, rows: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+        held, positions = step.held[rows], step.positions[rows]
+        # pool in position order (slots are in position order before any eviction, but do not rely on it)
+        order = positions.masked_fill(~held, torch.iinfo(torch.int64).max).argsort(-1)
+        votes = step.window[rows].gather(-1, order)
+        shape = votes.shape
+        flat = votes.reshape(-1, 1, shape[-1])
+        pad = kernel // 2
+        pooled = (F.max_pool1d(flat, kernel, 1, pad) if pooling == "max"
+                  else F.avg_pool1d(flat, kernel, 1, pad, count_include_pad=False))
+        pooled = torch.empty_like(votes).scatter_(-1, order, pooled[..., : shape[-1]].reshape(shape))
+        window = step.per_row([step.policies[i].params.window for i in rows.tolist()])
+        protected = positions > step.newest_position[rows][:, None, None, None] - window
+        budget = step.per_row([step.policies[i].budget() for i in rows.tolist()])[..., 0]
+        return keep_top(pooled, held, protected, budget)

@@ -1,0 +1,44 @@
+"""TOVA (Oren et al., 2024): when over budget, evict the token the current query attends least,
+its attention averaged over the query heads of the group. At the end of the prompt the last
+prompt query decides; during decode, each new query does (one in, one out). No history is kept."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from kvserve.policies.base import BudgetParams, Policy, PolicyStep, keep_top
+from kvserve.policies.registry import register
+
+
+class TOVAParams(BudgetParams):
+    name: Literal["tova"] = "tova"
+
+
+@register
+class TOVAPolicy(Policy):
+    name = "tova"
+    Params = TOVAParams
+    needs_decode_scores = True
+
+    def budget(self) -> int:
+        return self.params.budget_for(self.prompt_tokens)
+
+    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
+        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
+
+    def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
+        return 1
+
+    @classmethod
+    def act(cls, step: PolicyStep) -> torch.Tensor:
+        current = torch.zeros_like(step.scores)
+        decoding = step.decoding[:, None, None, None]
+        if step.decode_sum is not None:
+            current = torch.where(decoding, step.decode_sum, current)
+        if step.window is not None:
+            current = torch.where(decoding, current, step.window)
+        step.scores.copy_(current / step.group_size)
+        budget = step.per_row([p.budget() for p in step.policies])[..., 0]
+        return keep_top(step.scores, step.held, torch.zeros_like(step.held), budget)
