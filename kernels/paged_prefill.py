@@ -54,24 +54,31 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
         queries = q[lo:hi].transpose(0, 1)[None]  # [1, Hq, n, D]
         uniform = bool((lens == longest).all())
         whole_sequence = uniform and longest == n
-        if whole_sequence:
-            # the whole sequence is this chunk: plain causal attention, which skips the upper triangle
-            attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        if not whole_sequence or window_scores is not None:
+        width = min(window, n)
+        if not whole_sequence or width:
             # visible[h, j, s]: slot s is cached for head h and not in query j's future
             first_new = (lens - n)[:, None, None]
             visible = torch.arange(longest, device=q.device) < first_new + torch.arange(n, device=q.device)[:, None] + 1
-        if not whole_sequence:
+        if width:
+            # the observed queries' probabilities, explicitly; when they are the whole chunk they give
+            # the attention output too, so the chunk is not attended twice
+            q_win = (queries[0, :, n - width:] * scale).reshape(kv_heads, group * width, -1)
+            logits = torch.matmul(q_win, keys[0].transpose(-1, -2)).float().view(kv_heads, group, width, longest)
+            logits.masked_fill_(~visible[:, None, n - width:], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            window_scores[b, :, :longest] = probs.sum(dim=(1, 2))
+        if width == n:
+            attn = torch.matmul(probs.view(kv_heads, group * n, longest).to(values.dtype), values[0])
+            out[lo:hi] = attn.view(q_heads, n, -1).transpose(0, 1)
+            continue
+        if whole_sequence:
+            # the whole sequence is this chunk: plain causal attention, which skips the upper triangle
+            attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
             mask = visible[:1, None] if uniform else visible.repeat_interleave(group, dim=0)[None]
             attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
                                                   enable_gqa=True)
         out[lo:hi] = attn[0].transpose(0, 1)
-        if window_scores is not None:
-            width = min(window, n)
-            q_win = queries[0, :, n - width:].reshape(kv_heads, group * width, -1).float()
-            logits = torch.matmul(q_win, keys[0].float().transpose(-1, -2)).view(kv_heads, group, width, longest)
-            logits = (logits * scale).masked_fill(~visible[:, None, n - width:], float("-inf"))
-            window_scores[b, :, :longest] = torch.softmax(logits, dim=-1).sum(dim=(1, 2))
     return out, window_scores
 
 

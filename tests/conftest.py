@@ -17,6 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter; Triton reads this when it is first
+# imported, so it must be set before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 STARTUP_TIMEOUT_S = 300  # the first start of a session may convert the default model (~25 s)
 

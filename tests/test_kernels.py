@@ -9,45 +9,26 @@ shows, and every buffer the wrappers allocate starts as NaN, so an element never
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from kvserve.attention.backend import AttentionMetadata
+from kvserve.attention.torch_backend import TorchBackend
+from kvserve.attention.triton_backend import TritonBackend
+from kvserve.kernels import paged_decode as decode
+from kvserve.kernels import paged_prefill as prefill
+from kvserve.kernels import store_kv as store
+
+# tests/conftest.py turns the interpreter on before anything imports triton when there is no GPU
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-# Triton picks the interpreter when it is first imported (its own library functions are jit-decorated
-# then). If a test module collected earlier already imported it for real, these tests cannot run
-# in this process: they are skipped here and run again in a fresh one.
-IN_PROCESS = DEVICE == "cuda" or "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-if DEVICE == "cpu" and IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from kvserve.attention.backend import AttentionMetadata  # noqa: E402
-from kvserve.attention.torch_backend import TorchBackend  # noqa: E402
-from kvserve.attention.triton_backend import TritonBackend  # noqa: E402
-from kvserve.kernels import paged_decode as decode  # noqa: E402
-from kvserve.kernels import paged_prefill as prefill  # noqa: E402
-from kvserve.kernels import store_kv as store  # noqa: E402
-
-runs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without the interpreter; "
-                                  "test_kernels_in_a_fresh_process runs this")
+assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "no GPU and no TRITON_INTERPRET=1"
 
 BLOCK_SIZE = 16
 SCALE = 0.125
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 BFLOAT16_DOT = pytest.mark.skipif(DEVICE == "cpu", reason="the Triton 3.9 interpreter's tl.dot multiplies "
                                   "bfloat16 operands as their uint16 storage")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
-def test_kernels_in_a_fresh_process() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                            cwd=Path(__file__).parents[1], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
 
 @pytest.fixture(autouse=True)
 def nan_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,7 +90,6 @@ def layer_view(lens: list[list[int]], dim: int, dtype: torch.dtype) -> tuple[Cac
     return cache, cache.tables[:, 1].to(DEVICE), cache.lens[:, 1].to(DEVICE)
 
 
-@runs_kernels
 @pytest.mark.parametrize(("tokens", "source", "pool_dtype"), [
     (1, torch.float32, torch.float32), (7, torch.float32, torch.float32), (5, torch.bfloat16, torch.bfloat16),
     (5, torch.float32, torch.bfloat16)])
@@ -146,7 +126,6 @@ DECODE_CASES = [
 ]
 
 
-@runs_kernels
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_paged_decode_matches_reference(case: dict) -> None:
     dtype = case.get("dtype", torch.float32)
@@ -167,7 +146,6 @@ def test_paged_decode_matches_reference(case: dict) -> None:
                                lens, SCALE)[2] is None
 
 
-@runs_kernels
 def test_attention_scores_accumulates_into_a_strided_buffer() -> None:
     cache, tables, lens = layer_view([[23, 70], [1, 40]], 64, torch.float32)
     batch, kv_heads = lens.shape
@@ -200,7 +178,6 @@ PREFILL_CASES = [
 ]
 
 
-@runs_kernels
 @pytest.mark.parametrize("case", PREFILL_CASES)
 def test_paged_prefill_matches_reference(case: dict) -> None:
     dtype = case.get("dtype", torch.float32)
@@ -246,7 +223,6 @@ def make_step(cache: Cache, new_tokens: list[int], observe: bool) -> AttentionMe
         decode_scores=[None] * layers, window_scores=[None] * layers)
 
 
-@runs_kernels
 @pytest.mark.parametrize("new_tokens", [[1, 5, 1], [1, 1]], ids=["mixed", "all-decode"])
 @pytest.mark.parametrize("observe", [False, True], ids=["plain", "observed"])
 def test_triton_backend_matches_torch_backend(new_tokens: list[int], observe: bool) -> None:

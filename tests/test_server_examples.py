@@ -38,7 +38,7 @@ def test_bash_example(server: str, code: str) -> None:
 @pytest.mark.parametrize("code", blocks("python"))
 def test_python_example(server: str, code: str) -> None:
     out = run([sys.executable, "-c"], code, server)
-    text, _, usage = out.rpartition("\n")
+    text, _, usage = out.rstrip("\n").rpartition("\n")
     assert text.strip()
     assert re.fullmatch(r"\d+ tokens, KV cache: \{'policy': 'full', .*\}", usage)
 

@@ -200,6 +200,17 @@ def test_health_models_and_policies(server: str) -> None:
     assert by_name["full"]["schema"]["properties"]["name"]["const"] == "full"
 
 
+def test_chat_content_parts_are_joined(server: str) -> None:
+    def reply(content: object) -> str:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0}
+        r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]
+    assert reply(parts) == reply("What is the capital of France?")
+
+
 def test_explicit_kv_policy_is_accepted_and_reported(server: str) -> None:
     for spec in ("full", {"name": "full"}, '{"name": "full"}'):
         r = httpx.post(f"{server}/v1/completions", timeout=60,

@@ -70,6 +70,33 @@ def test_stop_string_ends_the_text_before_it(client: openai.OpenAI) -> None:
     assert streamed == " 5, 6,"
 
 
+def test_sampling_fields_reach_the_sampler(client: openai.OpenAI) -> None:
+    def text(**fields: object) -> str:
+        extra = {k: fields.pop(k) for k in ("top_k", "min_p", "stop_token_ids") if k in fields}
+        r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=8, extra_body=extra, **fields)
+        return r.choices[0].text
+
+    greedy = text(temperature=0)
+    assert greedy.startswith(" 5, 6,")
+    # top_k=1 and min_p=1 leave only the most likely token, whatever the temperature
+    assert text(temperature=1.5, seed=3, top_k=1) == greedy
+    assert text(temperature=1.5, seed=3, min_p=1.0) == greedy
+    # the penalties push the greedy choice away from the tokens it has already produced
+    def story(**penalty: float) -> str:
+        return client.completions.create(model=MODEL, prompt=STORY, max_tokens=24, temperature=0, **penalty,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    plain = story()
+    assert story(frequency_penalty=2.0) != plain
+    assert story(presence_penalty=2.0) != plain
+    comma = load_tokenizer(resolve_model(None))(",")["input_ids"]
+    assert len(comma) == 1
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=8, temperature=0,
+                                  extra_body={"stop_token_ids": comma})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].model_extra["stop_reason"] == comma[0]
+    assert r.choices[0].text == " 5,"  # as in vLLM, a (non-special) stop token stays in the text
+
+
 def test_seed_reproduces_and_different_seeds_differ(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         return client.completions.create(model=MODEL, prompt=STORY, max_tokens=16, temperature=1.0, seed=seed,

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not __import__("torch").cuda.is_available(),
-                    reason="Triton needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
 def test_triton_backend_greedy_tokens_equal_torch_backend():
+    """Both prompts prefill in 4-token chunks (attending to cached pages) and decode side by side; the
+    h2o request evicts through the decode scores of the attention-probability kernel."""
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     tokens = {}
     for backend in ("torch", "triton"):
-        engine = LLMEngine(EngineConfig(kv_cache_memory=32 << 20, attention_backend=backend, max_num_batched_tokens=8))
+        engine = LLMEngine(EngineConfig(kv_cache_memory=32 << 20, attention_backend=backend,
+                                        max_num_batched_tokens=8, max_num_seqs=2))
         prompts = [engine.tokenizer(text)["input_ids"] for text in ("The capital of France is", "1, 2, 3, 4, 5,")]
-        # chunks of 8 tokens: the second prompt's last chunk attends to cached pages and decodes beside the first
-        tokens[backend] = engine.generate(prompts, params)
+        for i, (prompt, policy) in enumerate(zip(prompts, [None, {"name": "h2o", "budget": 6, "recent": 2}])):
+            engine.add_request(str(i), prompt, params, policy)
+        out: dict[str, list[int]] = {"0": [], "1": []}
+        while engine.has_unfinished():
+            for o in engine.step():
+                out[o.request_id] += o.token_ids
+        assert engine.policies.tokens_evicted["h2o"] > 0
+        tokens[backend] = out
     assert tokens["triton"] == tokens["torch"]

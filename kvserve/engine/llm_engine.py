@@ -36,6 +36,8 @@ class EngineStats:
     pages_free: int
     page_bytes: int
     num_preemptions: int
+    bytes_held: dict[str, int]  # per policy: KV bytes its running sequences hold (as of the last step)
+    tokens_evicted: dict[str, int]  # per policy, since start
 
 
 class LLMEngine:
@@ -52,6 +54,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
+        self._bytes_held: dict[str, int] = {}
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -71,7 +74,7 @@ class LLMEngine:
                 f"the model's context length of {self.max_model_len} tokens", "max_tokens")
         policy_params = parse_policy(kv_policy, self.default_policy)
         policy = create_policy(policy_params, len(prompt_token_ids))
-        bound = min(total, policy.tokens_bound(params.max_tokens, self.config.max_num_batched_tokens))
+        bound = min(total, policy.tokens_bound(params.max_tokens, self.scheduler.prefill_chunk))
         if self.scheduler.pages_for_tokens(bound) > self.runner.pool.capacity:
             raise InvalidRequest(f"the request needs more KV cache ({bound} tokens per head) than the whole "
                                  "pool holds; raise --kv-cache-memory or compress harder", "max_tokens")
@@ -97,7 +100,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         pool = self.runner.pool
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), pool.capacity,
-                           pool.pages_free, pool.page_bytes, self.scheduler.num_preemptions)
+                           pool.pages_free, pool.page_bytes, self.scheduler.num_preemptions,
+                           dict(self._bytes_held), dict(self.policies.tokens_evicted))
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -110,6 +114,7 @@ class LLMEngine:
         for seq, pages in zip(batch.seqs, self.runner.kv_pages_held([s.row for s in batch.seqs])):
             seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
         self.policies.after_step(batch, meta)
+        self._snapshot_bytes_held()
         if not sampling:
             return []
         sampled = [batch.seqs[i] for i in sampling]
@@ -127,6 +132,14 @@ class LLMEngine:
             self._check_stop(seq, token)
             outputs.append(self._finish(seq) if seq.finish_reason else self._output(seq))
         return outputs
+
+    def _snapshot_bytes_held(self) -> None:
+        """Per-policy bytes held, taken in the engine thread so readers elsewhere never see a half step."""
+        running = self.scheduler.running
+        held: dict[str, int] = {}
+        for seq, pages in zip(running, self.runner.kv_pages_held([s.row for s in running]) if running else []):
+            held[seq.policy_params.name] = held.get(seq.policy_params.name, 0) + pages * self.runner.pool.page_bytes
+        self._bytes_held = held
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         stop_string = seq.detokenizer.add(token)

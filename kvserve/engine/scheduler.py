@@ -2,7 +2,9 @@
 
 Each step: every running sequence that is decoding gets its one token first; then running
 sequences still prefilling get chunks; then waiting requests are admitted in arrival order, each
-only when its row, its chunk and the pages its prompt will need fit. The step holds at most
+only when its row, its chunk and the pages its prompt will need fit. Prefill chunks end at fixed
+multiples of `prefill_chunk` tokens of their sequence, whatever else is in the batch: policies act
+after every chunk, so this keeps a request's result independent of the traffic around it. The step holds at most
 `max_num_batched_tokens` tokens and `max_num_seqs` sequences. When the pool runs out, the most
 recently admitted running sequence is preempted: its pages are freed and it goes back to the
 front of the queue to be recomputed. Arrival order is never overtaken, so nothing starves.
@@ -31,10 +33,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, table: PageTable, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, table: PageTable, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_chunk: int | None = None) -> None:
         self.table = table
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # room for a whole chunk beside a full set of decode tokens
+        self.prefill_chunk = prefill_chunk or max(1, min(max_num_batched_tokens - max_num_seqs,
+                                                         max_num_batched_tokens // 2))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -68,8 +74,8 @@ class Scheduler:
                 break
             if seq.num_uncomputed <= 1 or seq.status is not Status.RUNNING:
                 continue
-            chunk = min(seq.num_uncomputed, budget)
-            if not self._fits(seq, chunk):
+            chunk = self._next_chunk(seq)
+            if chunk > budget or not self._fits(seq, chunk):
                 continue
             seqs.append(seq)
             counts.append(chunk)
@@ -77,7 +83,9 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.table.rows_free:
             seq = self.waiting[0]
-            chunk = min(seq.num_uncomputed, budget)
+            chunk = self._next_chunk(seq)
+            if chunk > budget:
+                break
             # admit only when the whole remaining prompt's pages are free, beyond one page per head
             # of headroom for every running sequence's next decode steps
             headroom = self._heads * (len(self.running) + 1)
@@ -94,9 +102,12 @@ class Scheduler:
             budget -= chunk
         return ScheduledBatch(seqs, counts)
 
+    def _next_chunk(self, seq: Sequence) -> int:
+        return min(seq.num_uncomputed, self.prefill_chunk - seq.num_computed % self.prefill_chunk)
+
     def _footprint(self, seq: Sequence) -> int:
         """Tokens one head of `seq` holds once its prompt (or recompute) is in the cache."""
-        bound = seq.policy.tokens_bound(seq.params.max_tokens, self.max_num_batched_tokens)
+        bound = seq.policy.tokens_bound(seq.params.max_tokens, self.prefill_chunk)
         return min(seq.num_tokens, bound)
 
     def _fits(self, seq: Sequence, count: int) -> bool:

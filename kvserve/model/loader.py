@@ -73,6 +73,7 @@ def _converted(gguf: Path, name: str) -> Path:
             weights.pop("lm_head.weight", None)
         save_file(weights, staging / "model.safetensors")
         config = model.config
+        config.architectures = [type(model).__name__]  # other tools (transformers serve) read it
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(staging)

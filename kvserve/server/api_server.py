@@ -40,6 +40,7 @@ log = logging.getLogger("kvserve.server")
 
 SHUTDOWN_BACKSTOP_SECONDS = 5.0  # after the drain timeout, how long aborted requests get to send their end
 
+
 def build_app(state: ServerState, api_key: str | None, max_body_bytes: int) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

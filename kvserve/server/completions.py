@@ -15,6 +15,8 @@ from kvserve.server.protocol import (
 )
 from kvserve.server.serving import Endpoint
 
+DEFAULT_MAX_TOKENS = 16  # OpenAI's, for a completion request that gives none
+
 
 class Completions(Endpoint):
     id_prefix = "cmpl"
@@ -32,8 +34,9 @@ class Completions(Endpoint):
         return prompts  # type: ignore[return-value]
 
     def max_tokens(self, req: CompletionRequest, prompts: list[list[int]]) -> int:
-        self.check_context(prompts, req.max_tokens, "prompt", "max_tokens")
-        return req.max_tokens
+        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        self.check_context(prompts, max_tokens, "prompt", "max_tokens")
+        return max_tokens
 
     def num_logprobs(self, req: CompletionRequest) -> int | None:
         return req.logprobs

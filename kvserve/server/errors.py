@@ -5,7 +5,6 @@ validation become a 400 naming the offending field (`messages.0.role`, `kv_polic
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,8 +13,6 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvserve.server.protocol import ErrorInfo, ErrorResponse
-
-log = logging.getLogger("kvserve.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -76,7 +73,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error serving %s", request.url.path)
+        # Starlette re-raises the exception after this response, so uvicorn logs its traceback
         return APIError(500, "internal server error").response()
 
     app.add_exception_handler(APIError, api_error)  # type: ignore[arg-type]

@@ -166,28 +166,17 @@ class _EngineCollector(Collector):
 
         held = GaugeMetricFamily("kvserve:kv_bytes_held", "KV cache bytes held now, per policy.",
                                  labels=[*names, "policy"])
-        for policy, nbytes in sorted(_bytes_held_by_policy(self.engine, stats.page_bytes).items()):
+        for policy, nbytes in sorted(stats.bytes_held.items()):
             held.add_metric([*values, policy], nbytes)
         yield held
+        evicted = CounterMetricFamily("kvserve:tokens_evicted", "Tokens (per layer and KV head) evicted, per policy.",
+                                      labels=[*names, "policy"])
+        for policy, count in sorted(stats.tokens_evicted.items()):
+            evicted.add_metric([*values, policy], count)
+        yield evicted
         in_flight = GaugeMetricFamily("kvserve:requests_in_flight", "Sequences in the engine now, per policy.",
                                       labels=[*names, "policy"])
         for policy, count in sorted(self.admission.in_flight.items()):
             in_flight.add_metric([*values, policy], count)
         yield in_flight
 
-
-def _bytes_held_by_policy(engine: AsyncEngine, page_bytes: int) -> dict[str, int]:
-    """Bytes each policy's running sequences hold, from the page table.
-
-    The engine exposes no per-policy snapshot, so this reads its sequences from the scrape thread:
-    list() copies the dict atomically under the GIL, and a row that finishes meanwhile only makes
-    one scrape slightly stale."""
-    rows = [(s.policy_params.name, s.row) for s in list(engine.engine.seqs.values())]
-    rows = [(policy, row) for policy, row in rows if row is not None]
-    if not rows:
-        return {}
-    held: dict[str, int] = {}
-    pages = engine.engine.runner.kv_pages_held([row for _, row in rows])
-    for (policy, _), count in zip(rows, pages):
-        held[policy] = held.get(policy, 0) + count * page_bytes
-    return held

@@ -99,7 +99,7 @@ Prompt = Text | list[Text] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: OpenAI's default of 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None

@@ -215,6 +215,8 @@ class SSEResponse(StreamingResponse):
 
 
 def usage(gen: Generation) -> Usage:
+    """OpenAI's counts (each prompt once, every sample's tokens), and the KV bytes of all the
+    request's sequences together."""
     prompt, completion = gen.prompt_tokens, gen.completion_tokens
     kv = [s.kv_usage for s in gen.samples if s.kv_usage is not None]
     kv_cache = None

@@ -1,0 +1,79 @@
+"""Policies inside the engine on the real default model: batch invariance across policies, memory
+really returned to the pool, and usage accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvserve.engine.config import EngineConfig
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.engine.sampling_params import SamplingParams
+from kvserve.eval.passkey import passkey_prompt
+
+POLICY_SPECS = [
+    {"name": "full"},
+    {"name": "h2o", "budget": 96, "recent": 16},
+    {"name": "corm", "window": 4, "recent": 16},
+    {"name": "snapkv", "budget": 96, "window": 16},
+    {"name": "streaming_llm", "budget": 96},
+    {"name": "knorm", "budget": 96},
+    {"name": "tova", "budget": 96},
+]
+PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LLMEngine(EngineConfig(kv_cache_memory=128 << 20, max_num_batched_tokens=256, max_num_seqs=16))
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], specs: list[dict]) -> dict[str, tuple[list[int], object]]:
+    for i, (prompt, spec) in enumerate(zip(prompts, specs)):
+        engine.add_request(f"r{i}", prompt, PARAMS, spec)
+    results: dict[str, tuple[list[int], object]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens, _ = results.get(out.request_id, ([], None))
+            results[out.request_id] = (tokens + out.token_ids, out.kv_usage)
+    engine.runner.table.check_invariants(live_rows=[])
+    assert engine.runner.pool.pages_free == engine.runner.pool.capacity
+    return results
+
+
+def test_each_policy_gives_the_same_tokens_alone_and_in_a_mixed_batch(engine):
+    tok = engine.tokenizer
+    cases = [passkey_prompt(tok, 300 + 40 * i, 0.5, seed=i) for i in range(len(POLICY_SPECS))]
+    prompts = [tok(case.prompt)["input_ids"] for case in cases]
+    alone = [run(engine, [p], [s])["r0"] for p, s in zip(prompts, POLICY_SPECS)]
+    together = run(engine, prompts, POLICY_SPECS)
+    for i, spec in enumerate(POLICY_SPECS):
+        assert together[f"r{i}"][0] == alone[i][0], spec["name"]
+        usage = together[f"r{i}"][1]
+        assert usage.policy == spec["name"]
+        if spec["name"] in ("h2o", "snapkv", "streaming_llm", "knorm", "tova"):
+            # 96 tokens in 16-token pages, 30 layers x 3 heads, plus at most one page per head of new tokens
+            assert usage.bytes <= 90 * 7 * engine.runner.pool.page_bytes < usage.full_bytes
+        else:
+            assert usage.bytes <= usage.full_bytes
+
+
+def test_h2o_quarter_ratio_holds_under_30_percent_of_the_full_pages():
+    engine = LLMEngine(EngineConfig(kv_cache_memory=512 << 20, max_num_batched_tokens=2048, max_num_seqs=8,
+                                    dtype="bfloat16"))
+    tok = engine.tokenizer
+    prompts = [tok(passkey_prompt(tok, 3000, 0.5, seed=i).prompt)["input_ids"] for i in range(8)]
+    assert all(len(p) >= 2900 for p in prompts)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"m{i}", prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
+                           {"name": "h2o", "ratio": 0.25})
+    pool = engine.runner.pool
+    full_pages = sum(engine.scheduler.pages_for_tokens(len(p)) for p in prompts)
+    peak_in_use = 0
+    while engine.has_unfinished():
+        engine.step()
+        running = engine.scheduler.running
+        if len(running) == 8 and all(s.output_token_ids for s in running):
+            peak_in_use = max(peak_in_use, pool.pages_used)
+    assert 0 < peak_in_use <= 0.30 * full_pages, (peak_in_use, full_pages)
+    assert engine.policies.tokens_evicted["h2o"] > 0
+    assert pool.pages_free == pool.capacity
