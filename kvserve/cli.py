@@ -1,4 +1,4 @@
-"""`kvserve serve | generate | bench` (also `python -m kvserve ...`)."""
+"""`kvserve serve | generate | bench | eval` (also `python -m kvserve ...`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 
 from kvserve.engine.config import EngineConfig
+from kvserve.eval.args import add_concurrency_args, add_eval_args
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     engine_bench.add_argument("--hf-sequential", type=int, default=4,
                               help="requests timed through transformers one at a time (its rate is per token)")
     engine_bench.add_argument("--skip-hf", action="store_true", help="do not run the transformers baselines")
+    policy_bench = bench_kinds.add_parser("policies", help="concurrent long sequences per policy at a fixed KV size")
+    add_engine_args(policy_bench)
+    add_concurrency_args(policy_bench)
+
+    evaluate = commands.add_parser("eval", help="passkey, logit fidelity, KV bytes and decode speed per policy")
+    add_engine_args(evaluate)
+    add_eval_args(evaluate)
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -74,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(args, engine_config(args))
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        from kvserve.eval.harness import run_eval
+
+        return run_eval(args, engine_config(args))
+    if args.kind == "policies":
+        from kvserve.eval.concurrency import run_policy_bench
+
+        return run_policy_bench(args, engine_config(args))
     from kvserve.engine.bench import run_engine_bench
 
     return run_engine_bench(args, engine_config(args))

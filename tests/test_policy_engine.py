@@ -4,6 +4,7 @@ really returned to the pool, and usage accounting."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
@@ -77,3 +78,15 @@ def test_h2o_quarter_ratio_holds_under_30_percent_of_the_full_pages():
     assert 0 < peak_in_use <= 0.30 * full_pages, (peak_in_use, full_pages)
     assert engine.policies.tokens_evicted["h2o"] > 0
     assert pool.pages_free == pool.capacity
+
+
+def test_teacher_forcing_reproduces_greedy_and_measures_compression(engine):
+    ids = engine.tokenizer(passkey_prompt(engine.tokenizer, 400, 0.3, seed=5).prompt)["input_ids"]
+    greedy = engine.generate([ids], PARAMS)[0]
+    full = engine.teacher_force(ids, greedy)
+    assert full.shape == (len(greedy), engine.model_config.vocab_size)
+    assert full.argmax(-1).tolist() == greedy
+    assert torch.allclose(full.exp().sum(-1), torch.ones(len(greedy)), atol=1e-4)
+    squeezed = engine.teacher_force(ids, greedy, {"name": "streaming_llm", "budget": 16, "sinks": 4})
+    kl = (full.exp() * (full - squeezed)).sum(-1)
+    assert float(kl.mean()) > 1e-3  # a 16-token cache changes the distributions

@@ -93,7 +93,7 @@ class DeadEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=0, num_waiting=0, pages_total=10, pages_free=10, page_bytes=8,
-                           num_preemptions=0)
+                           num_preemptions=0, bytes_held={}, tokens_evicted={})
 
     async def generate(self, *args: object) -> AsyncIterator[object]:
         raise EngineDeadError("the engine loop is not running")

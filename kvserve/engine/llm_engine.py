@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.model_runner import ModelRunner
@@ -124,6 +126,9 @@ class LLMEngine:
         outputs = []
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
+            if seq.forced_tokens is not None:
+                seq.forced_logprobs.append(torch.log_softmax(logits[sampling[i]], dim=-1))
+                token = seq.forced_tokens[len(seq.output_token_ids)]
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             seq.output_token_ids.append(token)
@@ -188,6 +193,18 @@ class LLMEngine:
         return out
 
     # ---- convenience -------------------------------------------------------------------------
+
+    def teacher_force(self, prompt: list[int], continuation: list[int], kv_policy: Any = None) -> torch.Tensor:
+        """Feed `continuation` after `prompt` token by token through the (compressed) cache instead of
+        sampling; return the model's log-probabilities before each of its tokens, [len, vocab]."""
+        request_id = f"force-{time.monotonic_ns()}"
+        self.add_request(request_id, prompt, SamplingParams(max_tokens=len(continuation), temperature=0,
+                                                            ignore_eos=True), kv_policy)
+        seq = self.seqs[request_id]
+        seq.forced_tokens = list(continuation)
+        while self.has_unfinished():
+            self.step()
+        return torch.stack(seq.forced_logprobs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, kv_policy: Any = None
                  ) -> list[list[int]]:

@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.outputs import RequestMetrics, TokenLogprob
 from kvserve.engine.sampling_params import SamplingParams
@@ -41,6 +43,9 @@ class Sequence:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
     kv_bytes_peak: int = 0
     emitted_tokens: int = 0  # output tokens already handed to the caller
+    # teacher forcing (evaluation): feed these tokens instead of sampling, keep each step's log-probs
+    forced_tokens: list[int] | None = None
+    forced_logprobs: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

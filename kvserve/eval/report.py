@@ -1,0 +1,86 @@
+"""From raw runs to one row per (policy, context) and the printed table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvserve.eval.fidelity import Fidelity
+from kvserve.eval.passkey_grid import PasskeyRun
+from kvserve.eval.specs import policy_label
+
+
+@dataclass
+class SummaryRow:
+    policy: str
+    ratio: float | None  # the policy's `ratio`, None where it has none (full, corm, a fixed budget)
+    context: int
+    accuracy: float
+    kv_end_pct: float | None  # mean over runs of bytes held at the end / a full cache's bytes, in %
+    kv_peak_pct: float | None
+    kl: float | None  # logit fidelity (the same for every context: it has its own context length)
+    top1: float | None
+    decode_tok_s: float | None
+
+
+def summarize(specs: list[dict[str, Any]], runs: list[PasskeyRun], fidelity: dict[str, Fidelity]
+              ) -> list[SummaryRow]:
+    rows = []
+    for spec in specs:
+        label = policy_label(spec)
+        mine = [r for r in runs if r.policy == label]
+        for context in sorted({r.context for r in mine}):
+            cell = [r for r in mine if r.context == context]
+            timed = [r for r in cell if r.decode_seconds]
+            fid = fidelity.get(label)
+            rows.append(SummaryRow(
+                policy=label, ratio=spec.get("ratio"), context=context,
+                accuracy=sum(r.correct for r in cell) / len(cell),
+                kv_end_pct=_mean_pct([(r.kv_bytes, r.kv_full_bytes) for r in cell]),
+                kv_peak_pct=_mean_pct([(r.kv_peak_bytes, r.kv_full_bytes) for r in cell]),
+                kl=fid.kl if fid else None, top1=fid.top1 if fid else None,
+                decode_tok_s=(sum(r.decode_tokens for r in timed) / sum(r.decode_seconds for r in timed)
+                              if timed else None)))
+    return rows
+
+
+def _mean_pct(pairs: list[tuple[int | None, int | None]]) -> float | None:
+    known = [100.0 * part / whole for part, whole in pairs if part is not None and whole]
+    return sum(known) / len(known) if known else None
+
+
+def accuracy_grid(runs: list[PasskeyRun], label: str, contexts: list[int], depths: list[float]
+                  ) -> list[list[float]]:
+    """[depth][context] passkey accuracy of one policy."""
+    grid = []
+    for depth in depths:
+        row = []
+        for context in contexts:
+            cell = [r.correct for r in runs if r.policy == label and r.context == context and r.depth == depth]
+            row.append(sum(cell) / len(cell) if cell else float("nan"))
+        grid.append(row)
+    return grid
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+    return str(value)
+
+
+def summary_table(rows: list[SummaryRow], fidelity_context: int | None) -> str:
+    kl_header = f"KL @{fidelity_context}" if fidelity_context else "KL"
+    top1_header = f"top-1 @{fidelity_context}" if fidelity_context else "top-1"
+    headers = ["policy", "ratio", "context", "passkey acc", "KV end % of full", "KV peak % of full", kl_header,
+               top1_header, "decode tok/s"]
+    return markdown_table(headers, [[r.policy, r.ratio, r.context, r.accuracy, r.kv_end_pct, r.kv_peak_pct, r.kl,
+                                     r.top1, r.decode_tok_s] for r in rows])
