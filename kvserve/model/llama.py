@@ -52,6 +52,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def projection(weight: torch.Tensor) -> torch.Tensor:
+    """An HF [out, in] weight as the [in, out] matrix `x @ w` multiplies by."""
+    return weight.t().contiguous()
+
+
 class Layer:
     """One decoder layer's weights, with q/k/v and gate/up fused into single matmuls."""
 
@@ -62,12 +67,14 @@ class Layer:
         def load(*names: str) -> torch.Tensor:
             return torch.cat([weights[n] for n in names]).to(device, dtype)
 
-        self.qkv = load(*(f"{attn}.{p}_proj.weight" for p in "qkv"))
+        # projections are stored transposed, [in, out]: x @ w streams the weights in the order a
+        # one-row (decode) product reads them, measurably faster on a CPU than F.linear's [out, in]
+        self.qkv = projection(load(*(f"{attn}.{p}_proj.weight" for p in "qkv")))
         has_bias = f"{attn}.q_proj.bias" in weights
         self.qkv_bias = load(*(f"{attn}.{p}_proj.bias" for p in "qkv")) if has_bias else None
-        self.o = load(f"{attn}.o_proj.weight")
-        self.gate_up = load(f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight")
-        self.down = load(f"{mlp}.down_proj.weight")
+        self.o = projection(load(f"{attn}.o_proj.weight"))
+        self.gate_up = projection(load(f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"))
+        self.down = projection(load(f"{mlp}.down_proj.weight"))
         self.input_norm = load(f"{prefix}.input_layernorm.weight")
         self.post_norm = load(f"{prefix}.post_attention_layernorm.weight")
 
@@ -82,7 +89,8 @@ class LlamaModel:
         self.layers = [Layer(weights, f"model.layers.{i}", dtype, self.device) for i in range(config.num_layers)]
         self.norm = weights["model.norm.weight"].to(device, dtype)
         head = weights.get("lm_head.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings or head is None else head.to(device, dtype)
+        tied = config.tie_word_embeddings or head is None
+        self.lm_head = projection(self.embed if tied else head.to(device, dtype))
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config))
         self.cos = angles.cos().to(device, dtype)
@@ -100,14 +108,14 @@ class LlamaModel:
         x = self.embed[input_ids]
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = h @ layer.qkv if layer.qkv_bias is None else torch.addmm(layer.qkv_bias, h, layer.qkv)
             qk = apply_rope(qkv[:, :q_width + kv_width].view(tokens, -1, cfg.head_dim), cos, sin)
             q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
             v = qkv[:, q_width + kv_width:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
             attn = backend.forward(index, q, k, v, meta)
-            x = x + F.linear(attn.reshape(tokens, q_width), layer.o)
+            x = x + attn.reshape(tokens, q_width) @ layer.o
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = (h @ layer.gate_up).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer.down
         x = rms_norm(x[logits_index], self.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return (x @ self.lm_head).float()
