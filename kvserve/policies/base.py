@@ -103,6 +103,18 @@ class Policy:
         return None
 
 
+class BudgetPolicy(Policy):
+    """A policy that cuts every head back to `budget()` tokens after each chunk and decode step."""
+
+    params: BudgetParams
+
+    def budget(self) -> int:
+        return self.params.budget_for(self.prompt_tokens)
+
+    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
+        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
+
+
 def keep_top(scores: torch.Tensor, held: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """Keep the protected slots plus the highest-scoring others, `budget` in all per head.
 

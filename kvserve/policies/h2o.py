@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, Policy, PolicyStep, keep_top
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top
 from kvserve.policies.registry import register
 
 
@@ -27,19 +27,13 @@ class H2OParams(BudgetParams):
 
 
 @register
-class H2OPolicy(Policy):
+class H2OPolicy(BudgetPolicy):
     name = "h2o"
     Params = H2OParams
     needs_decode_scores = True
 
-    def budget(self) -> int:
-        return self.params.budget_for(self.prompt_tokens)
-
     def recent(self) -> int:
         return self.params.recent if self.params.recent is not None else self.budget() // 2
-
-    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
-        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return chunk_tokens

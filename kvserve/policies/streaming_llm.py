@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, Policy, PolicyStep
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep
 from kvserve.policies.registry import register
 
 
@@ -19,15 +19,12 @@ class StreamingLLMParams(BudgetParams):
 
 
 @register
-class StreamingLLMPolicy(Policy):
+class StreamingLLMPolicy(BudgetPolicy):
     name = "streaming_llm"
     Params = StreamingLLMParams
 
     def budget(self) -> int:
         return max(self.params.budget_for(self.prompt_tokens), self.params.sinks + 1)
-
-    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
-        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor:

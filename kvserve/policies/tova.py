@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from kvserve.policies.base import BudgetParams, Policy, PolicyStep, keep_top
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top
 from kvserve.policies.registry import register
 
 
@@ -17,16 +17,10 @@ class TOVAParams(BudgetParams):
 
 
 @register
-class TOVAPolicy(Policy):
+class TOVAPolicy(BudgetPolicy):
     name = "tova"
     Params = TOVAParams
     needs_decode_scores = True
-
-    def budget(self) -> int:
-        return self.params.budget_for(self.prompt_tokens)
-
-    def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
-        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return 1
