@@ -12,7 +12,8 @@ Query j (0-based) of sequence b, head group h, sees slots [0, seq_lens[b, h] - n
 n_b = that sequence's chunk length: new tokens are appended at the end of every head's list.
 returns
     out:              [T, Hq, D]
-    window_scores:    with window > 0: [B, Hkv, P * block_size] float32, the probability each slot
+    window_scores:    with a window (an int for every sequence, or a [B] tensor of per-sequence windows,
+                      0 for none): [B, Hkv, P * block_size] float32, the probability each slot
                       received, summed over the G query heads of its group and over the last
                       min(window, n_b) queries of the chunk (SnapKV's, ThinK's and H2O's prefill
                       observation). None otherwise.
@@ -32,16 +33,25 @@ import triton.language as tl
 from kvserve.kernels.paged_decode import dot_precision, gather_pages, partition_size_for
 
 
+def per_sequence_windows(window: int | torch.Tensor, batch: int) -> torch.Tensor | None:
+    """The window argument as a [B] int32 tensor, or None when no sequence observes anything."""
+    if isinstance(window, torch.Tensor):
+        return window.to(torch.int32)
+    return torch.full((batch,), window, dtype=torch.int32) if window > 0 else None
+
+
 def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                      scale: float, window: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      scale: float, window: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch, kv_heads, pages = block_tables.shape
     q_heads = q.shape[1]
     group = q_heads // kv_heads
     out = torch.empty_like(q)
+    windows = per_sequence_windows(window, batch)
     window_scores = None
-    if window > 0:
+    if windows is not None:
         window_scores = torch.zeros(batch, kv_heads, pages * k_pages.shape[1], dtype=torch.float32, device=q.device)
+        windows = windows.tolist()
     starts = query_start_loc.tolist()
     # a step holds few prefill chunks: each gets its own unpadded attention call
     for b in range(batch):
@@ -54,7 +64,7 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
         queries = q[lo:hi].transpose(0, 1)[None]  # [1, Hq, n, D]
         uniform = bool((lens == longest).all())
         whole_sequence = uniform and longest == n
-        width = min(window, n)
+        width = min(windows[b], n) if windows is not None else 0
         if not whole_sequence or width:
             # visible[h, j, s]: slot s is cached for head h and not in query j's future
             first_new = (lens - n)[:, None, None]
@@ -164,12 +174,12 @@ def _window_scores_kernel(
     stride_lb, stride_lh,
     stride_lset, stride_lseh,
     stride_sb, stride_sh, stride_ss,
-    group, dim, window, num_slots,
+    windows_ptr, group, dim, num_slots,
     BLOCK_SIZE: tl.constexpr, PARTITION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (b, kv_head, part): for slots [part * PARTITION, (part + 1) * PARTITION), the
-    probability summed over the last min(window, n_b) queries of chunk b and the G heads of the
+    probability summed over the last min(windows[b], n_b) queries of chunk b and the G heads of the
     group, recomputed from their log2-sum-exp2 (lse [T, Hq]); written to scores [B, Hkv, S]."""
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -178,7 +188,7 @@ def _window_scores_kernel(
     chunk_len = (tl.load(starts_ptr + b + 1) - chunk_start).to(tl.int32)
     seq_len = tl.load(lens_ptr + b * stride_lb + kv_head * stride_lh)
     context = seq_len - chunk_len
-    width = tl.minimum(window, chunk_len)
+    width = tl.minimum(tl.load(windows_ptr + b), chunk_len)
     num_rows = width * group
     start = part * PARTITION
     end = tl.minimum(start + PARTITION, num_slots)
@@ -229,7 +239,8 @@ def _prefill_block_n(dim: int) -> int:
 
 
 def paged_prefill(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, window: int = 0, *,
+                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                  window: int | torch.Tensor = 0, *,
                   max_chunk_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton `paged_prefill_ref`: same shapes and return contract.
 
@@ -250,9 +261,11 @@ def paged_prefill(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     block_q = block_m // group
     block_d = triton.next_power_of_2(dim)
     precision = dot_precision(q.dtype)
+    windows = per_sequence_windows(window, batch)
+    observe = windows is not None
     out = torch.empty(tokens, q_heads, dim, dtype=v_pages.dtype, device=q.device)
     # log2-sum-exp2 of every row, kept only for the window scores
-    lse = torch.empty(tokens if window > 0 else 1, q_heads, dtype=torch.float32, device=q.device)
+    lse = torch.empty(tokens if observe else 1, q_heads, dtype=torch.float32, device=q.device)
     _prefill_kernel[(batch, kv_heads, triton.cdiv(max_chunk_len, block_q))](
         q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, out, lse,
         scale * _LOG2E,
@@ -260,9 +273,9 @@ def paged_prefill(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
         *out.stride(), *lse.stride(),
         group, dim,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=_prefill_block_n(dim),
-        BLOCK_D=block_d, STORE_LSE=window > 0, PRECISION=precision, num_warps=_NUM_WARPS,
+        BLOCK_D=block_d, STORE_LSE=observe, PRECISION=precision, num_warps=_NUM_WARPS,
     )
-    if window <= 0:
+    if not observe:
         return out, None
     num_slots = max_pages * block_size
     scores = torch.empty(batch, kv_heads, num_slots, dtype=torch.float32, device=q.device)
@@ -272,7 +285,7 @@ def paged_prefill(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
         scale * _LOG2E,
         *q.stride(), *k_pages.stride(), *block_tables.stride(), *seq_lens.stride(), *lse.stride(),
         *scores.stride(),
-        group, dim, window, num_slots,
+        windows.to(q.device), group, dim, num_slots,
         BLOCK_SIZE=block_size, PARTITION=partition, BLOCK_M=block_m, BLOCK_N=_WINDOW_BLOCK_N,
         BLOCK_D=block_d, PRECISION=precision, num_warps=_NUM_WARPS,
     )

@@ -173,6 +173,9 @@ PREFILL_CASES = [
     pytest.param(dict(chunks=[40, 3], lens=[[120, 41, 40], [3, 50, 17]], group=4, dim=128, window=16),
                  id="gqa4-head-dim-128"),
     pytest.param(dict(chunks=[130], lens=[[150, 135]], group=1, dim=64, window=4), id="group-1-two-query-tiles"),
+    # per-sequence windows (a whole-chunk observer, a 3-query one, one observing nothing) in one batch
+    pytest.param(dict(chunks=[12, 9, 5], lens=[[30, 12], [9, 20], [40, 5]], group=3, dim=64,
+                      window=torch.tensor([12, 3, 0])), id="per-sequence-windows"),
     pytest.param(dict(chunks=[9, 30], lens=[[9, 50], [64, 31]], group=3, dim=128, window=8, dtype=torch.bfloat16),
                  id="bfloat16", marks=BFLOAT16_DOT),
 ]
@@ -193,7 +196,7 @@ def test_paged_prefill_matches_reference(case: dict) -> None:
                                                 case["window"])
     assert got_out.dtype == out.dtype
     assert_close(got_out, out, dtype)
-    if case["window"]:
+    if isinstance(case["window"], torch.Tensor) or case["window"]:
         assert_close(got_window, window, dtype)
     else:
         assert got_window is None
@@ -219,8 +222,8 @@ def make_step(cache: Cache, new_tokens: list[int], observe: bool) -> AttentionMe
         prefill_rows=torch.tensor(prefill_rows, dtype=torch.int64, device=DEVICE),
         prefill_tokens=torch.tensor(prefill_tokens, dtype=torch.int64, device=DEVICE),
         prefill_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.int64), prefill_lens.cumsum(0)]).to(DEVICE),
-        observe_decode=observe, observe_window=6 if observe else 0,
-        decode_scores=[None] * layers, window_scores=[None] * layers)
+        observe_decode=observe,
+        prefill_windows=torch.tensor([6] * len(prefill_rows), device=DEVICE) if observe and prefill_rows else None)
 
 
 @pytest.mark.parametrize("new_tokens", [[1, 5, 1], [1, 1]], ids=["mixed", "all-decode"])

@@ -9,8 +9,9 @@ prefill path; both see the same thing: every slot a head holds, minus the chunk'
 Observations (what compression policies ask for) are computed only when the metadata asks:
 - `observe_decode`: for decode rows, per slot, the probability summed and maxed over the query
   heads of each KV group -> `decode_scores[layer] = (sum, max)`, each [Bd, Hkv, S] float32;
-- `observe_window > 0`: for prefill rows, the probabilities of the last `observe_window` queries of
-  the chunk, summed over them and over the group -> `window_scores[layer]`, [Bp, Hkv, S] float32.
+- `prefill_windows` ([Bp] ints, 0 for none): for each prefill row, the probabilities of its last
+  `prefill_windows[row]` queries of the chunk, summed over them and over the group
+  -> `window_scores[layer]`, [Bp, Hkv, S] float32.
 S = P * block_size; entries at or beyond a head's length are zero.
 """
 
@@ -33,7 +34,7 @@ class AttentionMetadata:
     prefill_tokens: torch.Tensor  # [Tp] int64, those rows' token indices, row by row
     prefill_query_start_loc: torch.Tensor  # [Bp + 1] int64, offsets into prefill_tokens
     observe_decode: bool = False
-    observe_window: int = 0
+    prefill_windows: torch.Tensor | None = None  # [Bp] int64, queries each prefill row observes
     decode_scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # by layer
     window_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer
 
@@ -42,8 +43,10 @@ class AttentionMetadata:
         if device.type == "cpu":
             return self
         for name in ("block_tables", "seq_lens", "slot_index", "decode_rows", "decode_tokens", "prefill_rows",
-                     "prefill_tokens", "prefill_query_start_loc"):
-            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+                     "prefill_tokens", "prefill_query_start_loc", "prefill_windows"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device, non_blocking=True))
         return self
 
     @property

@@ -35,8 +35,8 @@ class TorchBackend(AttentionBackend):
         rows = meta.prefill_rows
         pre, window = paged_prefill_ref(q[meta.prefill_tokens], self.k_pages, self.v_pages, tables[rows],
                                         lens[rows], meta.prefill_query_start_loc, self.scale,
-                                        meta.observe_window)
+                                        meta.prefill_windows if meta.prefill_windows is not None else 0)
         out[meta.prefill_tokens] = pre
-        if meta.observe_window:
+        if window is not None:
             meta.window_scores[layer] = window
         return out

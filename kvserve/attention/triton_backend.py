@@ -46,9 +46,10 @@ class TritonBackend(AttentionBackend):
                 meta.decode_scores[layer] = scores
         rows = meta.prefill_rows
         pre, window = paged_prefill(q[meta.prefill_tokens], self.k_pages, self.v_pages, tables[rows],
-                                    lens[rows], meta.prefill_query_start_loc, self.scale, meta.observe_window,
+                                    lens[rows], meta.prefill_query_start_loc, self.scale,
+                                    meta.prefill_windows if meta.prefill_windows is not None else 0,
                                     max_chunk_len=self._max_chunk_len(meta))
         out[meta.prefill_tokens] = pre
-        if meta.observe_window:
+        if window is not None:
             meta.window_scores[layer] = window
         return out

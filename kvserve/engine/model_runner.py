@@ -38,10 +38,11 @@ class ModelRunner:
                  self.pool.capacity * config.block_size * 2 * mc.head_dim * self.pool.k_pages.element_size()
                  // token_bytes)
 
-    def execute(self, batch: ScheduledBatch, observe_decode: bool = False, observe_window: int = 0
+    def execute(self, batch: ScheduledBatch, observe_decode: bool = False, windows: list[int] | None = None
                 ) -> tuple[torch.Tensor, list[int], AttentionMetadata]:
         """Run the batch; return logits [n, vocab], the batch indices of the n sampling sequences,
-        and the step's metadata (with the observations the policies asked for)."""
+        and the step's metadata (with the observations the policies asked for: decode scores, and
+        `windows[i]` prefill queries of sequence i)."""
         seqs = batch.seqs
         counts = torch.tensor(batch.counts)
         rows = torch.tensor([s.row for s in seqs])
@@ -64,7 +65,8 @@ class ModelRunner:
             prefill_rows=prefill_rows,
             prefill_tokens=torch.nonzero(~is_decode[token_seq])[:, 0],
             prefill_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(prefill_counts, 0)]),
-            observe_decode=observe_decode, observe_window=observe_window,
+            observe_decode=observe_decode,
+            prefill_windows=torch.tensor(windows)[prefill_rows] if windows and any(windows) else None,
         )
         sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts)) if s.num_computed + c == s.num_tokens]
         device = self.device

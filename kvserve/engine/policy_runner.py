@@ -20,15 +20,16 @@ class PolicyRunner:
         self.group_size = group_size
         self.tokens_evicted: Counter[str] = Counter()
 
-    def observations(self, batch: ScheduledBatch) -> tuple[bool, int]:
-        """What attention must report this step: decode scores? the last how many prefill queries?"""
-        decode, window = False, 0
+    def observations(self, batch: ScheduledBatch) -> tuple[bool, list[int]]:
+        """What attention must report this step: decode scores? how many of each prefill chunk's queries?"""
+        decode, windows = False, []
         for seq, count in zip(batch.seqs, batch.counts):
             if count == 1:
                 decode |= seq.policy.needs_decode_scores
+                windows.append(0)
             else:
-                window = max(window, seq.policy.prefill_window(count, seq.num_computed + count == seq.num_tokens))
-        return decode, window
+                windows.append(seq.policy.prefill_window(count, seq.num_computed + count == seq.num_tokens))
+        return decode, windows
 
     def after_step(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         """Call after the forward pass (sequences' num_computed already advanced)."""
