@@ -126,6 +126,13 @@ def test_knorm_keeps_lowest_norm_keys():
     assert kept(type(step.policies[0]).act(step)) == [1, 3, 5]
 
 
+def test_knorm_remembers_the_norms_of_earlier_steps():
+    # norms come only for the step's new keys; older slots keep the norms stored as their scores
+    step = make_step({"name": "knorm", "budget": 3}, 4, key_norms=[float("nan")] * 3 + [0.2])
+    step.scores[0, 0, 0, :3] = torch.tensor([-1.0, -4.0, -0.5])
+    assert kept(type(step.policies[0]).act(step)) == [0, 2, 3]
+
+
 def test_tova_evicts_what_the_current_query_attends_least():
     # group of 3 query heads: the summed probabilities are averaged over it
     step = make_step({"name": "tova", "budget": 4}, 5, decode_sum=[0.9, 0.3, 0.06, 1.2, 0.54], group_size=3)

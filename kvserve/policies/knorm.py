@@ -24,5 +24,8 @@ class KnormPolicy(BudgetPolicy):
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor:
+        # norms arrive for the step's new keys only (NaN elsewhere): keep each as the slot's score
+        fresh = ~torch.isnan(step.key_norms)
+        step.scores.copy_(torch.where(fresh, -step.key_norms, step.scores))
         budget = step.per_row([p.budget() for p in step.policies])[..., 0]
-        return keep_top(-step.key_norms, step.held, torch.zeros_like(step.held), budget)
+        return keep_top(step.scores, step.held, torch.zeros_like(step.held), budget)
