@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ class SummaryRow:
     kv_peak_pct: float | None
     kl: float | None  # logit fidelity (the same for every context: it has its own context length)
     top1: float | None
-    decode_tok_s: float | None
+    decode_tok_s: float | None  # median over the runs of one request's decode rate (batch 1)
 
 
 def summarize(specs: list[dict[str, Any]], runs: list[PasskeyRun], fidelity: dict[str, Fidelity]
@@ -39,7 +40,8 @@ def summarize(specs: list[dict[str, Any]], runs: list[PasskeyRun], fidelity: dic
                 kv_end_pct=_mean_pct([(r.kv_bytes, r.kv_full_bytes) for r in cell]),
                 kv_peak_pct=_mean_pct([(r.kv_peak_bytes, r.kv_full_bytes) for r in cell]),
                 kl=fid.kl if fid else None, top1=fid.top1 if fid else None,
-                decode_tok_s=(sum(r.decode_tokens for r in timed) / sum(r.decode_seconds for r in timed)
+                # the median run: one request slowed by a neighbour on a shared machine does not move it
+                decode_tok_s=(statistics.median(r.decode_tokens / r.decode_seconds for r in timed)
                               if timed else None)))
     return rows
 
