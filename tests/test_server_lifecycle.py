@@ -74,9 +74,7 @@ class DeadEngine:
     """Just enough of AsyncEngine for the server to start, with a loop that is not running."""
 
     max_model_len = 64
-    num_unfinished = 0
     model_config = SimpleNamespace(vocab_size=100)
-    engine = SimpleNamespace(seqs={})
 
     @staticmethod
     def tokenizer(texts: list[str]) -> dict[str, list[list[int]]]:

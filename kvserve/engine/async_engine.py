@@ -53,10 +53,6 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._queues)
-
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        kv_policy: Any = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early aborts the request."""

@@ -24,7 +24,6 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
     rope_scaling: dict[str, Any] | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -59,7 +58,6 @@ class ModelConfig:
             rope_theta=float(theta),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", cfg["model_type"] == "qwen2"),
             rope_scaling=rope if rope_type != "default" else None,
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
         )
