@@ -18,7 +18,7 @@ serve: $(STAMP)
 	$(PY) -m kvserve serve $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m ruff check kvserve kernels loadtest deploy tests
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
