@@ -56,6 +56,16 @@ def paged_decode_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     return out, lse.view(batch, q_heads), scores
 
 
+def merge_attention(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint sets of slots, from each one's out [B, Hq, D] and natural
+    lse [B, Hq]: softmax-weighted by their total mass. `lse` must be finite (the first set holds
+    a slot for every head); `part_lse` may be -inf (the second set is empty for that head)."""
+    total = torch.logaddexp(lse, part_lse)
+    merged = out.float() * (lse - total).exp()[..., None] + part_out.float() * (part_lse - total).exp()[..., None]
+    return merged.to(out.dtype), total
+
+
 # The kernels work in base 2 (exp2 and log2 are the fast instructions); lse is natural at the interface.
 # tl.constexpr because kernels may read only constexpr globals.
 _LOG2E = tl.constexpr(1.4426950408889634)

@@ -26,7 +26,7 @@ def pool_returns_to_full(request):
     if "engine" in request.fixturenames:
         eng = request.getfixturevalue("engine")
         assert not eng.has_unfinished()
-        eng.runner.table.check_invariants(live_rows=[])
+        eng.runner.check_invariants(live_rows=[])
         assert eng.runner.pool.pages_free == eng.runner.pool.capacity
 
 
@@ -94,7 +94,7 @@ def test_preemption_completes_with_same_tokens(invariance_prompts, alone):
                                    max_num_seqs=16))
     assert small.generate(invariance_prompts, GREEDY) == alone
     assert small.scheduler.num_preemptions > 0
-    small.runner.table.check_invariants(live_rows=[])
+    small.runner.check_invariants(live_rows=[])
     assert small.runner.pool.pages_free == small.runner.pool.capacity
 
 

@@ -36,7 +36,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], specs: list[dict]) -> dict[
         for out in engine.step():
             tokens, _ = results.get(out.request_id, ([], None))
             results[out.request_id] = (tokens + out.token_ids, out.kv_usage)
-    engine.runner.table.check_invariants(live_rows=[])
+    engine.runner.check_invariants(live_rows=[])
     assert engine.runner.pool.pages_free == engine.runner.pool.capacity
     return results
 

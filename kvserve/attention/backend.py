@@ -12,7 +12,13 @@ Observations (what compression policies ask for) are computed only when the meta
 - `prefill_windows` ([Bp] ints, 0 for none): for each prefill row, the probabilities of its last
   `prefill_windows[row]` queries of the chunk, summed over them and over the group
   -> `window_scores[layer]`, [Bp, Hkv, S] float32.
+- `query_windows` ([Bp] ints, 0 for none): for each prefill row, the mean over its chunk's last
+  `query_windows[row]` queries of q**2 per channel -> `query_energy[layer]`, [Bp, Hq, D] float32
+  (ThinK's channel score).
 S = P * block_size; entries at or beyond a head's length are zero.
+
+Decode rows of sequences that hold compressed tiers (`tier_views`) attend their full-precision
+pages and every tier, merged by log-sum-exp; observations cover the full-precision pages only.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+
+from kvserve.cache.tier import TierView
+from kvserve.kernels.paged_decode import merge_attention
 
 
 @dataclass
@@ -35,15 +44,18 @@ class AttentionMetadata:
     prefill_query_start_loc: torch.Tensor  # [Bp + 1] int64, offsets into prefill_tokens
     observe_decode: bool = False
     prefill_windows: torch.Tensor | None = None  # [Bp] int64, queries each prefill row observes
+    query_windows: torch.Tensor | None = None  # [Bp] int64, queries each prefill row reports the energy of
+    tier_views: list[TierView] = field(default_factory=list)  # compressed tiers of decode rows
     decode_scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # by layer
     window_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer
+    query_energy: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer
 
     def to(self, device: torch.device) -> AttentionMetadata:
         """The step's index tensors on the pool's device (built on the host by the runner)."""
         if device.type == "cpu":
             return self
         for name in ("block_tables", "seq_lens", "slot_index", "decode_rows", "decode_tokens", "prefill_rows",
-                     "prefill_tokens", "prefill_query_start_loc", "prefill_windows"):
+                     "prefill_tokens", "prefill_query_start_loc", "prefill_windows", "query_windows"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device, non_blocking=True))
@@ -59,9 +71,12 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Stores K/V into the shared page pool and computes paged grouped-query attention."""
+    """Stores K/V into the shared page pool and computes paged grouped-query attention.
+
+    `forward` is the same for every backend; a backend supplies the three kernels it runs."""
 
     name: str
+    triton: bool  # whether tiers attend with their Triton kernels
 
     def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> None:
         self.k_pages = k_pages
@@ -69,9 +84,63 @@ class AttentionBackend(ABC):
         self.scale = scale
 
     @abstractmethod
+    def store(self, k: torch.Tensor, v: torch.Tensor, slot_index: torch.Tensor) -> None:
+        """k, v [T, Hkv, D] into their slots [T, Hkv]."""
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, want_scores: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """paged_decode's contract: (out, lse, scores)."""
+
+    @abstractmethod
+    def prefill(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """paged_prefill's contract for the step's prefill rows: (out, window_scores)."""
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> attention output [T, Hq, D]."""
+        self.store(k, v, meta.slot_index[layer])
+        tables = meta.block_tables[:, layer]
+        lens = meta.seq_lens[:, layer]
+        if not meta.has_prefill:  # the common all-decode step: no scatter needed
+            return self._decode_rows(layer, q, tables, lens, meta)
+        out = torch.empty_like(q)
+        if meta.has_decode:
+            rows = meta.decode_rows
+            out[meta.decode_tokens] = self._decode_rows(layer, q[meta.decode_tokens], tables[rows], lens[rows], meta)
+        rows = meta.prefill_rows
+        queries = q[meta.prefill_tokens]
+        pre, window = self.prefill(queries, tables[rows], lens[rows], meta)
+        out[meta.prefill_tokens] = pre
+        if window is not None:
+            meta.window_scores[layer] = window
+        if meta.query_windows is not None:
+            meta.query_energy[layer] = query_energy(queries, meta.prefill_query_start_loc, meta.query_windows)
+        return out
+
+    def _decode_rows(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                     meta: AttentionMetadata) -> torch.Tensor:
+        out, lse, scores = self.decode(q, tables, lens, meta.observe_decode)
+        if meta.observe_decode:
+            meta.decode_scores[layer] = scores
+        for view in meta.tier_views:
+            index = view.batch_index.to(q.device)
+            part_out, part_lse = view.attend(layer, q[index], self.scale, self.triton)
+            out[index], lse[index] = merge_attention(out[index], lse[index], part_out, part_lse)
+        return out
+
+
+def query_energy(q: torch.Tensor, query_start_loc: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Per prefill row, the mean of q**2 over its chunk's last windows[row] queries: [Bp, Hq, D] float32."""
+    ends = query_start_loc[1:]
+    width = torch.minimum(windows.to(ends.device), ends - query_start_loc[:-1])
+    token = torch.arange(q.shape[0], device=q.device)
+    row = torch.searchsorted(ends, token, right=True)
+    observed = token >= (ends - width)[row]
+    energy = torch.zeros(ends.numel(), *q.shape[1:], dtype=torch.float32, device=q.device)
+    energy.index_add_(0, row[observed], q[observed].float().pow(2))
+    return energy / width.clamp(min=1).view(-1, 1, 1)
 
 
 def create_backend(name: str, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> AttentionBackend:

@@ -5,6 +5,10 @@ width. Page 0 is a null page that is never handed out: padded page-table entries
 so gathers through a table never read out of bounds. Every other page is either on the free
 stack or owned by exactly one (sequence, layer, head) list in a `PageTable`.
 
+K and V of all pages share one buffer (all K halves, then all V halves), so a compressed page
+format can view a page's two halves as raw bytes and pack fixed-size records into them
+(`records`): a thin-key or quantized page frees the same memory as a full one, from one budget.
+
 Beside K and V every slot carries a little metadata that moves with its token when a policy
 compacts a head: the token's position in its sequence and two float32 scores a policy may keep
 (accumulated attention, a counter). Paging it like K/V costs 12 bytes per slot (about 2% of a
@@ -29,8 +33,8 @@ class PagePool:
         self.block_size = block_size
         self.head_dim = head_dim
         self.dtype = dtype
-        self.k_pages = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
-        self.v_pages = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
+        self.storage = torch.zeros(2, num_pages, block_size, head_dim, dtype=dtype, device=device)
+        self.k_pages, self.v_pages = self.storage[0], self.storage[1]
         self.slot_positions = torch.zeros(num_pages * block_size, dtype=torch.int32, device=device)
         self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32, device=device)
         self.slot_aux = torch.zeros(num_pages * block_size, dtype=torch.float32, device=device)
@@ -56,6 +60,22 @@ class PagePool:
     @property
     def page_bytes(self) -> int:
         return 2 * self.block_size * self.head_dim * self.k_pages.element_size()
+
+    @property
+    def half_bytes(self) -> int:
+        """Bytes of one page's K (or V) half."""
+        return self.page_bytes // 2
+
+    def records(self, record_bytes: int) -> tuple[torch.Tensor, int]:
+        """The pool as fixed-size byte records: a view [2 * num_pages, per_half, record_bytes] uint8
+        (halves 0..N-1 are the pages' K halves, N..2N-1 their V halves) and `per_half`, the records
+        one half holds. Record j of page p is `view[(j // per_half) * N + p, j % per_half]`."""
+        per_half = self.half_bytes // record_bytes
+        if per_half < 1:
+            raise ValueError(f"a {record_bytes}-byte record does not fit in a {self.half_bytes}-byte half page")
+        raw = self.storage.view(-1).view(torch.uint8)
+        view = raw.as_strided((2 * self.num_pages, per_half, record_bytes), (self.half_bytes, record_bytes, 1))
+        return view, per_half
 
     @staticmethod
     def pages_for_memory(memory_bytes: int, block_size: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -8,6 +8,8 @@ pages, held in the first entries of its list; every page is free or owned exactl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kvserve.cache.page_pool import PagePool
@@ -18,15 +20,18 @@ def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
 
 
 class PageTable:
-    def __init__(self, pool: PagePool, max_rows: int, num_layers: int, kv_heads: int, max_tokens: int) -> None:
+    def __init__(self, pool: PagePool, max_rows: int, num_layers: int, kv_heads: int, max_tokens: int,
+                 slots_per_page: int | None = None) -> None:
         self.pool = pool
-        self.block_size = pool.block_size
+        self.block_size = slots_per_page or pool.block_size
         self.num_layers = num_layers
         self.kv_heads = kv_heads
-        self.max_pages = -(-max_tokens // pool.block_size)
+        self.max_pages = -(-max_tokens // self.block_size)
         self.tables = torch.zeros(max_rows, num_layers, kv_heads, self.max_pages, dtype=torch.int32)
         self.lengths = torch.zeros(max_rows, num_layers, kv_heads, dtype=torch.int32)
         self._rows_free = list(range(max_rows - 1, -1, -1))
+        # called with a row as it is released: the compressed tiers drop what the row holds there
+        self.release_hooks: list[Callable[[int], None]] = []
         self._layer = torch.arange(num_layers)[None, :, None]
         self._head = torch.arange(kv_heads)[None, None, :]
 
@@ -40,6 +45,8 @@ class PageTable:
     def release_row(self, row: int) -> None:
         """Return every page of the row to the pool and the row to the free list."""
         self.truncate_row(row)
+        for hook in self.release_hooks:
+            hook(row)
         self._rows_free.append(row)
 
     def truncate_row(self, row: int) -> None:
@@ -50,9 +57,9 @@ class PageTable:
         self.lengths[row].zero_()
 
     def pages_needed(self, rows: torch.Tensor, counts: torch.Tensor) -> int:
-        """Pages an `append(rows, counts)` would take from the pool."""
+        """Pages growing each row by counts ([n], or [n, L, Hkv] per head) would take from the pool."""
         lens = self.lengths[rows].long()
-        grown = lens + counts[:, None, None]
+        grown = lens + (counts if counts.dim() == 3 else counts[:, None, None])
         return int((_ceil_div(grown, self.block_size) - _ceil_div(lens, self.block_size)).sum())
 
     def append(self, rows: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,7 +71,23 @@ class PageTable:
         with T = counts.sum(), tokens row by row. Raises OutOfPages (changing nothing) when short.
         """
         lens = self.lengths[rows].long()
-        grown = lens + counts[:, None, None]
+        self._grow(rows, lens + counts[:, None, None])
+
+        token_row = torch.repeat_interleave(torch.arange(rows.numel()), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        offset = torch.arange(token_row.numel()) - starts[token_row]
+        pos = lens[token_row] + offset[:, None, None]  # [T, L, Hkv]
+        page = self.tables[rows[token_row][:, None, None], self._layer, self._head, pos // self.block_size]
+        slot = page.long() * self.block_size + pos % self.block_size
+        if positions is not None:
+            self.pool.slot_positions[slot] = positions[:, None, None].to(torch.int32)
+            self.pool.slot_scores[slot] = 0
+            self.pool.slot_aux[slot] = 0
+        return slot.permute(1, 0, 2).contiguous()
+
+    def _grow(self, rows: torch.Tensor, grown: torch.Tensor) -> None:
+        """Lengthen the heads of `rows` to `grown` [n, L, Hkv], taking the pages that needs."""
+        lens = self.lengths[rows].long()
         if int(grown.max()) > self.max_pages * self.block_size:
             raise ValueError("a sequence grew past the page table's capacity")
         have = _ceil_div(lens, self.block_size)
@@ -79,17 +102,14 @@ class PageTable:
             self.tables[rows[row_i], layer_i, head_i, index_in_head] = pages
         self.lengths[rows] = grown.to(torch.int32)
 
-        token_row = torch.repeat_interleave(torch.arange(rows.numel()), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        offset = torch.arange(token_row.numel()) - starts[token_row]
-        pos = lens[token_row] + offset[:, None, None]  # [T, L, Hkv]
-        page = self.tables[rows[token_row][:, None, None], self._layer, self._head, pos // self.block_size]
-        slot = page.long() * self.block_size + pos % self.block_size
-        if positions is not None:
-            self.pool.slot_positions[slot] = positions[:, None, None].to(torch.int32)
-            self.pool.slot_scores[slot] = 0
-            self.pool.slot_aux[slot] = 0
-        return slot.permute(1, 0, 2).contiguous()
+    def pages_held(self, rows: torch.Tensor) -> torch.Tensor:
+        """Pages each of `rows` holds across its layers and heads, [n] int64."""
+        return _ceil_div(self.lengths[rows].long(), self.block_size).sum(dim=(1, 2))
+
+    def owned_pages(self) -> torch.Tensor:
+        """Every page some list of this table owns."""
+        held = _ceil_div(self.lengths.long(), self.block_size)
+        return self.tables[torch.arange(self.max_pages) < held[..., None]].long()
 
     def slot_index(self, rows: torch.Tensor, slots: int) -> torch.Tensor:
         """Flat pool slot of every (row, layer, head, slot < slots), [n, L, Hkv, slots] (null page past a head)."""
@@ -103,19 +123,18 @@ class PageTable:
         pages = max(1, int(_ceil_div(lens.max(), self.block_size)))
         return self.tables[rows, :, :, :pages], lens
 
-    def check_invariants(self, live_rows: list[int] | None = None) -> None:
-        """Raise AssertionError unless every page is free or owned by exactly one head."""
+    def check_invariants(self, live_rows: list[int] | None = None, others: tuple[PageTable, ...] = ()) -> None:
+        """Raise AssertionError unless every page is free or owned by exactly one head of this table
+        or of `others` (the tables of compressed tiers sharing the pool)."""
         rows = [r for r in range(self.tables.shape[0]) if r not in set(self._rows_free)]
         if live_rows is not None:
             assert sorted(rows) == sorted(live_rows), f"rows in use {rows} != live rows {live_rows}"
-        lens = self.lengths.long()
-        assert int(lens.max()) <= self.max_pages * self.block_size
-        held = _ceil_div(lens, self.block_size)
-        owned_mask = torch.arange(self.max_pages) < held[..., None]
-        owned = self.tables[owned_mask].long()
+        owned = torch.cat([table.owned_pages() for table in (self, *others)])
+        for table in (self, *others):
+            assert int(table.lengths.max()) <= table.max_pages * table.block_size
+            for r in self._rows_free:
+                assert int(table.lengths[r].abs().sum()) == 0, f"free row {r} holds tokens"
         assert bool((owned > 0).all()), "a head owns the null page"
-        for r in self._rows_free:
-            assert int(self.lengths[r].abs().sum()) == 0, f"free row {r} holds tokens"
         every = torch.cat([owned, self.pool.free_ids().long()])
         assert every.numel() == self.pool.capacity, (
             f"{owned.numel()} owned + {self.pool.pages_free} free != {self.pool.capacity} pages")

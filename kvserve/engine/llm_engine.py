@@ -50,7 +50,7 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = load_tokenizer(self.runner.folder)
         self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens)
-        self.policies = PolicyRunner(self.runner.table, self.model_config.group_size)
+        self.policies = PolicyRunner(self.runner.table, self.runner.tiers, self.model_config.group_size)
         self.default_policy = parse_policy(config.kv_policy)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

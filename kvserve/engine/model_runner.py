@@ -9,6 +9,7 @@ import torch
 from kvserve.attention.backend import AttentionMetadata, create_backend
 from kvserve.cache.page_pool import PagePool
 from kvserve.cache.page_table import PageTable
+from kvserve.cache.tier import TierSet
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.scheduler import ScheduledBatch
 from kvserve.model.config import ModelConfig
@@ -30,6 +31,8 @@ class ModelRunner:
         num_pages = PagePool.pages_for_memory(memory, config.block_size, mc.head_dim, self.dtype)
         self.pool = PagePool(num_pages, config.block_size, mc.head_dim, self.dtype, self.device)
         self.table = PageTable(self.pool, config.max_num_seqs, mc.num_layers, mc.num_kv_heads, self.max_model_len)
+        self.tiers = TierSet(self.table, self.max_model_len)
+        self.table.release_hooks.append(self.tiers.release_row)
         self.backend = create_backend(config.attention_backend, self.pool.k_pages, self.pool.v_pages,
                                       mc.head_dim ** -0.5)
         token_bytes = mc.num_layers * mc.num_kv_heads * 2 * mc.head_dim * self.pool.k_pages.element_size()
@@ -38,11 +41,12 @@ class ModelRunner:
                  self.pool.capacity * config.block_size * 2 * mc.head_dim * self.pool.k_pages.element_size()
                  // token_bytes)
 
-    def execute(self, batch: ScheduledBatch, observe_decode: bool = False, windows: list[int] | None = None
-                ) -> tuple[torch.Tensor, list[int], AttentionMetadata]:
+    def execute(self, batch: ScheduledBatch, observe_decode: bool = False, windows: list[int] | None = None,
+                query_windows: list[int] | None = None) -> tuple[torch.Tensor, list[int], AttentionMetadata]:
         """Run the batch; return logits [n, vocab], the batch indices of the n sampling sequences,
-        and the step's metadata (with the observations the policies asked for: decode scores, and
-        `windows[i]` prefill queries of sequence i)."""
+        and the step's metadata (with the observations the policies asked for: decode scores, the
+        probabilities of `windows[i]` and the query energy of `query_windows[i]` prefill queries of
+        sequence i)."""
         seqs = batch.seqs
         counts = torch.tensor(batch.counts)
         rows = torch.tensor([s.row for s in seqs])
@@ -67,6 +71,8 @@ class ModelRunner:
             prefill_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(prefill_counts, 0)]),
             observe_decode=observe_decode,
             prefill_windows=torch.tensor(windows)[prefill_rows] if windows and any(windows) else None,
+            query_windows=torch.tensor(query_windows)[prefill_rows] if query_windows and any(query_windows) else None,
+            tier_views=self.tiers.views(rows[decode_rows]) if self.tiers.tiers and decode_rows.numel() else [],
         )
         sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts)) if s.num_computed + c == s.num_tokens]
         device = self.device
@@ -77,6 +83,14 @@ class ModelRunner:
         return logits, sampling, meta
 
     def kv_pages_held(self, rows: list[int]) -> list[int]:
-        """Pages each row holds across all its layers and heads."""
-        lens = self.table.lengths[torch.tensor(rows)].long()
-        return ((lens + self.pool.block_size - 1) // self.pool.block_size).sum(dim=(1, 2)).tolist()
+        """Pages of the pool each row holds across all its layers and heads, compressed tiers included."""
+        return self.tiers.device_pages_held(torch.tensor(rows, dtype=torch.long)).tolist()
+
+    def check_invariants(self, live_rows: list[int] | None = None) -> None:
+        """The page table's invariants over the pool, the pages of compressed tiers included."""
+        self.table.check_invariants(live_rows, others=self.tiers.device_tables())
+        live = set(live_rows) if live_rows is not None else None
+        for tier in self.tiers.tiers.values():
+            for row in range(tier.lengths.shape[0]):
+                if live is not None and row not in live:
+                    assert int(tier.lengths[row].sum()) == 0, f"released row {row} still holds tier tokens"

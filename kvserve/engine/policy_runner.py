@@ -1,6 +1,6 @@
 """Runs the compression policies after each forward pass: one `act` call per policy class in the
-batch, on [n, L, Hkv, S] tensors gathered from the pool's slot metadata, then one vectorised
-eviction for all the heads that shrank."""
+batch, on [n, L, Hkv, S] tensors gathered from the pool's slot metadata; then the moves into
+compressed tiers the policy asked for, and one vectorised eviction for all the heads that shrank."""
 
 from __future__ import annotations
 
@@ -9,27 +9,34 @@ from collections import Counter, defaultdict
 import torch
 
 from kvserve.attention.backend import AttentionMetadata
+from kvserve.cache.page_pool import OutOfPages
 from kvserve.cache.page_table import PageTable
+from kvserve.cache.tier import TierSet
 from kvserve.engine.scheduler import ScheduledBatch
-from kvserve.policies.base import Policy, PolicyStep
+from kvserve.policies.base import Policy, PolicyStep, Transfer
 
 
 class PolicyRunner:
-    def __init__(self, table: PageTable, group_size: int) -> None:
+    def __init__(self, table: PageTable, tiers: TierSet, group_size: int) -> None:
         self.table = table
+        self.tiers = tiers
         self.group_size = group_size
         self.tokens_evicted: Counter[str] = Counter()
 
-    def observations(self, batch: ScheduledBatch) -> tuple[bool, list[int]]:
-        """What attention must report this step: decode scores? how many of each prefill chunk's queries?"""
-        decode, windows = False, []
+    def observations(self, batch: ScheduledBatch) -> tuple[bool, list[int], list[int]]:
+        """What attention must report this step: decode scores? the probabilities and the query
+        energy of how many of each prefill chunk's last queries?"""
+        decode, windows, query_windows = False, [], []
         for seq, count in zip(batch.seqs, batch.counts):
             if count == 1:
                 decode |= seq.policy.needs_decode_scores
                 windows.append(0)
+                query_windows.append(0)
             else:
-                windows.append(seq.policy.prefill_window(count, seq.num_computed + count == seq.num_tokens))
-        return decode, windows
+                prompt_done = seq.num_computed + count == seq.num_tokens
+                windows.append(seq.policy.prefill_window(count, prompt_done))
+                query_windows.append(seq.policy.query_window(count, prompt_done))
+        return decode, windows, query_windows
 
     def after_step(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         """Call after the forward pass (sequences' num_computed already advanced)."""
@@ -59,6 +66,9 @@ class PolicyRunner:
                                                      slots, k) for k in (0, 1))
         if meta.window_scores:
             window = self._observed(meta.window_scores, meta.prefill_rows, batch_size, members_t, slots, None)
+        query_energy = None
+        if meta.query_energy:
+            query_energy = self._observed(meta.query_energy, meta.prefill_rows, batch_size, members_t, None, None)
         if cls.needs_key_norms:
             fresh = held & (positions > (newest - counts)[:, None, None, None])
             key_norms = torch.full(slot.shape, float("nan"))
@@ -68,22 +78,48 @@ class PolicyRunner:
             prompt_done=torch.tensor([s.num_computed == s.num_tokens for s in seqs]), newest_position=newest,
             held=held, positions=positions, scores=pool.slot_scores[slot], aux=pool.slot_aux[slot],
             key_norms=key_norms, decode_sum=decode_sum, decode_max=decode_max, window=window,
-            group_size=self.group_size)
+            query_energy=query_energy, group_size=self.group_size, slot=slot,
+            key_store=pool.k_pages.view(-1, pool.head_dim))
         keep = cls.act(step)
         pool.slot_scores[slot[held]] = step.scores[held]
         pool.slot_aux[slot[held]] = step.aux[held]
-        if keep is None:
-            return
+        keep = held.clone() if keep is None else keep
         dropped = int((held & ~keep).sum())
-        if dropped:
+        for key, transfer in step.transfers.items():
+            keep &= ~self._transfer(key, transfer, rows, keep, slot, positions)
+        if bool((held & ~keep).any()):
             table.evict(rows, keep)
-            self.tokens_evicted[cls.name] += dropped
+        self.tokens_evicted[cls.name] += dropped
+
+    def _transfer(self, key: object, transfer: Transfer, rows: torch.Tensor, keep: torch.Tensor, slot: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+        """Copy the kept slots of `transfer.mask` into the tier, oldest first; return the slots moved
+        (none when the pool cannot hold them yet: they stay at full precision and move on a later step)."""
+        mask = transfer.mask & keep
+        moved = torch.zeros_like(mask)
+        counts = mask.sum(-1)
+        active = torch.nonzero(counts.flatten(1).any(-1))[:, 0]
+        if active.numel() == 0:
+            return moved
+        mask, counts = mask[active], counts[active]
+        order = positions[active].masked_fill(~mask, torch.iinfo(torch.int64).max).argsort(-1)
+        chosen = slot[active].gather(-1, order)[torch.arange(mask.shape[-1]) < counts[..., None]]
+        pool = self.table.pool
+        keys = pool.k_pages.view(-1, pool.head_dim)[chosen]
+        values = pool.v_pages.view(-1, pool.head_dim)[chosen]
+        try:
+            self.tiers.get(key).store(rows[active], counts, keys, values,
+                                      **{name: t[active] for name, t in transfer.extra.items()})
+        except OutOfPages:
+            return moved
+        moved[active] = mask
+        return moved
 
     @staticmethod
-    def _observed(per_layer: dict, covered: torch.Tensor, batch_size: int, members: torch.Tensor, slots: int,
-                  which: int | None) -> torch.Tensor:
-        """Stack a per-layer observation of the batch rows `covered` ([len(covered), Hkv, S] each)
-        into [n, L, Hkv, slots] for `members`, zero for members it does not cover."""
+    def _observed(per_layer: dict, covered: torch.Tensor, batch_size: int, members: torch.Tensor,
+                  slots: int | None, which: int | None) -> torch.Tensor:
+        """Stack a per-layer observation of the batch rows `covered` ([len(covered), H, X] each)
+        into [n, L, H, X] for `members` (X cut to `slots` when given), zero for members it does not cover."""
         layers = [per_layer[layer] if which is None else per_layer[layer][which] for layer in sorted(per_layer)]
         stacked = torch.stack(layers, dim=1).float()[..., :slots].cpu()
         lookup = torch.full((batch_size,), -1, dtype=torch.long)

@@ -11,18 +11,23 @@ Invariants every policy keeps:
 - it only removes tokens (`act` returns which slots to keep), never adds any;
 - after it acts, no head of a sequence holds more than `tokens_bound(...)` tokens, which the
   scheduler trusts when it admits requests;
-- it reads only what it declared: `needs_decode_scores`, `prefill_window(...)`; the backend
-  computes nothing else for it.
+- it reads only what it declared: `needs_decode_scores`, `prefill_window(...)`,
+  `query_window(...)`; the backend computes nothing else for it;
+- a policy that compresses rather than drops moves tokens into a tier (`PolicyStep.transfers`):
+  the moved slots leave the full-precision pages as if evicted, but their tokens stay attended.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kvserve.cache.tier import TierKey
 
 
 class PolicyParams(BaseModel):
@@ -52,6 +57,15 @@ class BudgetParams(PolicyParams):
 
 
 @dataclass
+class Transfer:
+    """Slots to move into a tier ([n, L, Hkv, S] bool; each head's count a multiple of the tier's
+    unit), and per-row extras the tier keeps (e.g. ThinK's channel index), each [n, ...]."""
+
+    mask: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class PolicyStep:
     """The n sequences of one policy in this step, after the forward pass, as [n, L, Hkv, S] views
     of their slots (S: the longest head among them). `scores` and `aux` are written back to the
@@ -71,7 +85,22 @@ class PolicyStep:
     decode_sum: torch.Tensor | None  # [n, L, Hkv, S] probability summed over the group (decoding rows)
     decode_max: torch.Tensor | None  # [n, L, Hkv, S] probability maxed over the group (decoding rows)
     window: torch.Tensor | None  # [n, L, Hkv, S] prefill observation window column sums
+    query_energy: torch.Tensor | None  # [n, L, Hq, D] mean q**2 of the prefill's last queries
     group_size: int
+    slot: torch.Tensor  # [n, L, Hkv, S] each slot's flat index in the pool
+    key_store: torch.Tensor  # the pool's keys, [num_pages * block_size, D]
+    transfers: dict[TierKey, Transfer] = field(default_factory=dict)  # set by `act`
+
+    def subset(self, rows: torch.Tensor, policies: list[Policy]) -> PolicyStep:
+        """The step of `rows` alone (copies), acted on by `policies` (e.g. a composed policy's base)."""
+        pick = lambda t: t[rows] if isinstance(t, torch.Tensor) else t
+        return dataclasses.replace(self, policies=policies, transfers={},
+                                   **{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                      if f.name not in ("policies", "transfers", "key_store", "group_size")})
+
+    def keys(self, rows: torch.Tensor) -> torch.Tensor:
+        """The keys of `rows` (indices into the n sequences), [len(rows), L, Hkv, S, D] float32."""
+        return self.key_store[self.slot[rows]].float()
 
     def per_row(self, values: list[float] | list[int]) -> torch.Tensor:
         """A per-sequence number broadcast against [n, L, Hkv, S]."""
@@ -94,6 +123,10 @@ class Policy:
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         """How many of a prefill chunk's last queries this policy reads probabilities of (0: none)."""
+        return 0
+
+    def query_window(self, chunk_tokens: int, prompt_done: bool) -> int:
+        """How many of a prefill chunk's last queries this policy reads the energy of (0: none)."""
         return 0
 
     @classmethod
@@ -138,3 +171,10 @@ def keep_top(scores: torch.Tensor, held: torch.Tensor, protected: torch.Tensor, 
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
     evict = candidates & (rank < over[..., None])
     return keep & ~evict
+
+
+def oldest(positions: torch.Tensor, held: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The counts[..., ] ([n, L, Hkv]) held slots of lowest position in each head, as a mask."""
+    order = positions.masked_fill(~held, torch.iinfo(torch.int64).max).argsort(-1)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    return held & (rank < counts[..., None])

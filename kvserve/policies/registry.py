@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from kvserve.policies.base import Policy, PolicyParams
 
 POLICIES: dict[str, type[Policy]] = {}
-_BUILTIN_MODULES = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova")
+_BUILTIN_MODULES = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova", "kivi", "think", "tailorkv")
 
 
 class PolicyError(ValueError):
