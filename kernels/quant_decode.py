@@ -143,7 +143,9 @@ def attend_dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lens
     logits.masked_fill_(outside[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     probs = (logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).exp()
-    out = torch.matmul(probs, values.float()).view(batch, q_heads, values.shape[-1])
+    # slots past a head's length may hold another format's bytes: never let them reach the sum
+    values = values.float().masked_fill(outside[..., None], 0.0)
+    out = torch.matmul(probs, values).view(batch, q_heads, values.shape[-1])
     return out.to(q.dtype), lse.view(batch, q_heads)
 
 

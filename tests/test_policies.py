@@ -26,7 +26,8 @@ def make_step(spec: dict, slots: int, *, heads: int = 1, new_tokens: int = 1, de
         held=torch.ones(shape, dtype=torch.bool),
         positions=(torch.arange(slots) if positions is None else torch.tensor(positions)).expand(shape).clone(),
         scores=torch.zeros(shape), aux=torch.zeros(shape), key_norms=full(key_norms), decode_sum=full(decode_sum),
-        decode_max=full(decode_max), window=full(window), group_size=group_size)
+        decode_max=full(decode_max), window=full(window), query_energy=None, group_size=group_size,
+        slot=torch.zeros(shape, dtype=torch.long), key_store=torch.zeros(1, 4))
 
 
 def kept(mask: torch.Tensor, head: int = 0) -> list[int]:
@@ -155,6 +156,16 @@ def test_registry_validates_and_describes():
     with pytest.raises(PolicyError):
         parse_policy({"name": "corm", "windw": 3})
     assert parse_policy('{"name": "snapkv", "window": 16}').window == 16
+    for spec, param in [({"name": "kivi", "bits": 3}, "kv_policy.bits"),
+                        ({"name": "kivi", "group_size": 32, "residual": 100}, "kv_policy.residual"),
+                        ({"name": "think", "base": {"name": "kivi"}}, "kv_policy.base"),
+                        ({"name": "think", "base": {"name": "h2o", "ratio": 2}}, "kv_policy.base"),
+                        ({"name": "tailorkv", "budget": 60}, "kv_policy.budget"),
+                        ({"name": "tailorkv", "group_size": 48}, "kv_policy.group_size")]:
+        with pytest.raises(PolicyError) as e:
+            parse_policy(spec)
+        assert e.value.param == param, spec
+    assert parse_policy({"name": "think", "base": {"name": "snapkv", "ratio": 0.25}})._base.ratio == 0.25
     described = {d["name"]: d for d in describe_policies()}
     assert described["h2o"]["defaults"]["ratio"] == 0.5
     assert "budget" in described["h2o"]["schema"]["properties"]

@@ -19,6 +19,9 @@ POLICY_SPECS = [
     {"name": "streaming_llm", "budget": 96},
     {"name": "knorm", "budget": 96},
     {"name": "tova", "budget": 96},
+    {"name": "kivi", "bits": 2, "residual": 64},
+    {"name": "think", "channel_ratio": 0.5, "window": 16, "base": {"name": "snapkv", "budget": 96, "window": 16}},
+    {"name": "tailorkv", "budget": 96, "recent": 24, "quant_layers": [0, 5]},
 ]
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -54,6 +57,8 @@ def test_each_policy_gives_the_same_tokens_alone_and_in_a_mixed_batch(engine):
         if spec["name"] in ("h2o", "snapkv", "streaming_llm", "knorm", "tova"):
             # 96 tokens in 16-token pages, 30 layers x 3 heads, plus at most one page per head of new tokens
             assert usage.bytes <= 90 * 7 * engine.runner.pool.page_bytes < usage.full_bytes
+        elif spec["name"] in ("kivi", "think", "tailorkv"):
+            assert usage.bytes < 0.5 * usage.full_bytes
         else:
             assert usage.bytes <= usage.full_bytes
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from kvserve.cache.quantized import QuantKey
 from kvserve.policies.base import Policy, PolicyParams, PolicyStep, Transfer, oldest
@@ -28,13 +28,19 @@ class KIVIParams(PolicyParams):
     residual: int = Field(default=128, ge=0, description="newest tokens kept at full precision (a multiple "
                                                           "of group_size)")
 
-    @model_validator(mode="after")
-    def _aligned(self) -> KIVIParams:
-        if self.group_size & (self.group_size - 1):
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
             raise ValueError("group_size must be a power of two")
-        if self.residual % self.group_size:
+        return value
+
+    @field_validator("residual")
+    @classmethod
+    def _aligned(cls, value: int, info: ValidationInfo) -> int:
+        if value % info.data.get("group_size", 1):
             raise ValueError("residual must be a multiple of group_size")
-        return self
+        return value
 
 
 def flush_groups(step: PolicyStep, acting: torch.Tensor, residual: torch.Tensor, group: torch.Tensor

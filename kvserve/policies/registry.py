@@ -58,8 +58,9 @@ def parse_policy(spec: str | dict[str, Any] | PolicyParams | None, default: Poli
         return POLICIES[name].Params(**spec)
     except ValidationError as e:
         first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise PolicyError(f"kv_policy.{field}: {first['msg']}", f"kv_policy.{field}") from None
+        param = ".".join(["kv_policy", *(str(p) for p in first["loc"])])
+        message = first["msg"].removeprefix("Value error, ")
+        raise PolicyError(f"{param}: {message}", param) from None
 
 
 def create_policy(params: PolicyParams, prompt_tokens: int) -> Policy:

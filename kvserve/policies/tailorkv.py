@@ -20,12 +20,12 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from kvserve.cache.host_tier import HostKey
 from kvserve.cache.quantized import QuantKey
 from kvserve.policies.base import Policy, PolicyParams, PolicyStep, Transfer
-from kvserve.policies.kivi import flush_groups
+from kvserve.policies.kivi import KIVIParams, flush_groups
 from kvserve.policies.registry import register
 
 TOP_FRACTION = 0.05  # the paper's alpha
@@ -36,25 +36,30 @@ OBSERVED_QUERIES = 32
 class TailorKVParams(PolicyParams):
     name: Literal["tailorkv"] = "tailorkv"
     bits: Literal[1, 2] = Field(default=2, description="bits of the quantized layers")
-    budget: int = Field(default=192, ge=1, description="tokens attended per head in a sparse layer")
     sinks: int = Field(default=8, ge=0, description="first prompt tokens resident in sparse layers")
     recent: int = Field(default=56, ge=0, description="last prompt tokens resident in sparse layers")
+    budget: int = Field(default=192, ge=1, description="tokens attended per head in a sparse layer")
     channels: int = Field(default=8, ge=1, description="key channels the sparse layers' token ranking reads")
     quant_layers: list[int] | None = Field(default=None, description="layers to quantize; default: the paper's test")
     group_size: int = Field(default=64, ge=16, le=256, description="tokens per key group (a power of two)")
     residual: int = Field(default=128, ge=0, description="newest tokens of quantized layers at full precision")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> TailorKVParams:
-        if self.budget <= self.sinks + self.recent:
+    @field_validator("budget")
+    @classmethod
+    def _exceeds_resident(cls, value: int, info: ValidationInfo) -> int:
+        if value <= info.data.get("sinks", 0) + info.data.get("recent", 0):
             raise ValueError("budget must exceed sinks + recent")
-        if self.group_size & (self.group_size - 1):
-            raise ValueError("group_size must be a power of two")
-        if self.residual % self.group_size:
-            raise ValueError("residual must be a multiple of group_size")
-        if self.quant_layers is not None and any(layer < 0 for layer in self.quant_layers):
+        return value
+
+    @field_validator("quant_layers")
+    @classmethod
+    def _layer_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(layer < 0 for layer in value):
             raise ValueError("quant_layers must be layer indices")
-        return self
+        return value
+
+    _power_of_two = field_validator("group_size")(KIVIParams._power_of_two.__func__)
+    _aligned = field_validator("residual")(KIVIParams._aligned.__func__)
 
 
 @register

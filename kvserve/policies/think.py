@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from kvserve.cache.thin_key import ThinKey
 from kvserve.policies.base import Policy, PolicyParams, PolicyStep, Transfer, oldest
@@ -36,13 +36,25 @@ class ThinKParams(PolicyParams):
                                                                   '{"name": "snapkv", "ratio": 0.5}')
     _base: PolicyParams | None = PrivateAttr(default=None)
 
+    @field_validator("base")
+    @classmethod
+    def _token_policy(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from kvserve.policies.registry import PolicyError, parse_policy
+
+            if value.get("name") in _NOT_COMPOSABLE:
+                raise ValueError(f"base must be a token policy, not {value.get('name')!r}")
+            try:
+                parse_policy(value)
+            except PolicyError as e:
+                raise ValueError(str(e).replace("kv_policy", "base", 1)) from None
+        return value
+
     @model_validator(mode="after")
     def _parse_base(self) -> ThinKParams:
         if self.base is not None:
             from kvserve.policies.registry import parse_policy
 
-            if self.base.get("name") in _NOT_COMPOSABLE:
-                raise ValueError(f"base must be a token policy, not {self.base.get('name')!r}")
             self._base = parse_policy(self.base)
         return self
 
