@@ -2,9 +2,8 @@
 
 `build_app` is an application builder, so `serve run deploy/ray_serve/serve_config.yaml` (or
 `serve run deploy.ray_serve.app:build_app replicas=2`) builds the same application as
-`python -m deploy.ray_serve`."""
-
-from __future__ import annotations
+`python -m deploy.ray_serve`. No `from __future__ import annotations` here: Ray Serve converts a
+config's `args` into AppArgs only when build_app's annotation is the class itself, not a string."""
 
 from pydantic import BaseModel, Field
 from ray.serve import Application

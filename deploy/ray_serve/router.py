@@ -17,6 +17,14 @@ def rendezvous_weight(key: str, replica: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{replica}".encode(), digest_size=8).digest(), "big")
 
 
+def rank_replicas(key: str | None, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
+    """Ranks to try in order: the key's owner alone, then all the others; no key: everyone at once."""
+    if not key:
+        return [replicas]
+    ranked = sorted(replicas, key=lambda r: rendezvous_weight(key, r.replica_id.unique_id), reverse=True)
+    return [ranked[:1], ranked[1:]]
+
+
 class AffinityRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -24,9 +32,4 @@ class AffinityRouter(RequestRouter):
             return [candidate_replicas]
         # when every rank is full, back off before trying again rather than spin
         pending_request.routing_context.should_backoff = True
-        key = pending_request.metadata.session_id
-        if not key:
-            return [candidate_replicas]
-        ranked = sorted(candidate_replicas, key=lambda r: rendezvous_weight(key, r.replica_id.unique_id),
-                        reverse=True)
-        return [ranked[:1], ranked[1:]]
+        return rank_replicas(pending_request.metadata.session_id, candidate_replicas)
