@@ -29,6 +29,7 @@ REPLICA = REPLICA_HEADER.decode()
 STARTUP_TIMEOUT_S = 240
 SHUTDOWN_TIMEOUT_S = 60
 PROMPT = "The capital of France is"
+READY_LINE = "kvserve on Ray Serve:"
 
 
 class RayServeProcess:
@@ -46,18 +47,23 @@ class RayServeProcess:
             [sys.executable, "-m", "deploy.ray_serve", "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, replicas: int) -> None:
+        """Until the CLI reports the application running (every replica started) and key-less
+        requests have reached every replica (the ingress's router has learnt of them all)."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        seen: set[str] = set()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"deploy.ray_serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+            if READY_LINE in self.log():
+                response = httpx.get(f"{self.url}/health", timeout=30)
+                if response.status_code == 200:
+                    seen.add(response.headers[REPLICA])
+                if len(seen) == replicas:
                     return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"deploy.ray_serve not healthy in {STARTUP_TIMEOUT_S} s:\n{self.log()}")
+            time.sleep(0.2 if seen else 1)
+        raise RuntimeError(f"deploy.ray_serve: {len(seen)} of {replicas} replicas in {STARTUP_TIMEOUT_S} s:\n"
+                           f"{self.log()}")
 
     def log(self) -> str:
         self._log.flush()
@@ -81,7 +87,7 @@ def ray_serve() -> Iterator[RayServeProcess]:
     process = RayServeProcess("--replicas", "2", "--num-cpus", "2", "--object-store-memory", str(200 << 20),
                               "--kv-cache-memory", str(256 << 20), "--max-num-seqs", "16")
     try:
-        process.wait_ready()
+        process.wait_ready(replicas=2)
         yield process
     finally:
         returncode = process.stop()

@@ -1,19 +1,25 @@
 """deploy/ray_serve's routing decisions without a Ray cluster: the affinity key of a request, the
-replica ranking of the router, and that the `serve run` config builds the application."""
+replica ranking of the router, the relay's hand-over to a (fake) replica handle, and that the
+`serve run` config builds the application."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
+import pytest
 import yaml
 from ray.serve import Application
 
 from deploy.ray_serve.affinity import affinity_key
 from deploy.ray_serve.app import AppArgs, build_app
 from deploy.ray_serve.forwarded import ForwardedRequest
+from deploy.ray_serve.relay import RequestRelay
 from deploy.ray_serve.router import rank_replicas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,10 +69,13 @@ def test_a_key_has_one_owner_that_survives_other_replicas_leaving() -> None:
             assert rank_replicas(key, four[:3])[0] == [owner]
 
 
-def test_no_key_means_every_replica_in_one_rank() -> None:
+def test_no_key_means_every_replica_in_one_shuffled_rank() -> None:
     three = replicas("a", "b", "c")
-    assert rank_replicas(None, three) == [three]
-    assert rank_replicas("", three) == [three]
+    for key in (None, ""):
+        (rank,) = rank_replicas(key, three)
+        assert sorted(r.replica_id.unique_id for r in rank) == ["a", "b", "c"]
+    # shuffled, so that idle replicas (equal queues) share key-less traffic
+    assert len({rank_replicas(None, three)[0][0].replica_id.unique_id for _ in range(100)}) == 3
 
 
 def test_serve_run_config_builds_the_application() -> None:
@@ -76,3 +85,61 @@ def test_serve_run_config_builds_the_application() -> None:
     # what makes Ray Serve hand build_app an AppArgs rather than the raw dict
     assert inspect.signature(build_app).parameters["args"].annotation is AppArgs
     assert isinstance(build_app(AppArgs.model_validate(app["args"])), Application)
+
+
+class FakeReplicas:
+    """A DeploymentHandle's surface as the relay uses it; answers by echoing, or fails."""
+
+    def __init__(self, fail_after: int | None) -> None:
+        self.fail_after = fail_after
+        self.options_seen: list[dict[str, Any]] = []
+
+    def options(self, **options: Any) -> FakeReplicas:
+        self.options_seen.append(options)
+        return self
+
+    def remote(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+        async def messages() -> AsyncIterator[dict[str, Any]]:
+            replies = [{"type": "http.response.start", "status": 200, "headers": [(b"x-path", request.path.encode())]},
+                       {"type": "http.response.body", "body": request.body, "more_body": True},
+                       {"type": "http.response.body", "body": b"", "more_body": False}]
+            for i, reply in enumerate(replies):
+                if i == self.fail_after:
+                    raise RuntimeError("the replica died")
+                yield reply
+        return messages()
+
+
+def relay(replicas: FakeReplicas, body: bytes) -> list[dict[str, Any]]:
+    """Run the relay on one POST whose body arrives in two parts; return what it sent."""
+    parts = [body[: len(body) // 2], body[len(body) // 2:]]
+    received = iter([{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(received)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "headers": [],
+             "client": ("10.0.0.1", 5000)}
+    asyncio.run(RequestRelay(replicas, 64)(scope, receive, send))  # type: ignore[arg-type]
+    return sent
+
+
+def test_relay_forwards_the_whole_body_with_the_key_and_replays_the_reply() -> None:
+    replicas = FakeReplicas(fail_after=None)
+    body = json.dumps({"prompt": "hello", "user": "ann"}).encode()
+    sent = relay(replicas, body)
+    assert replicas.options_seen == [{"method_name": "forward", "stream": True}, {"session_id": "user:ann"}]
+    assert sent[0]["headers"] == [(b"x-path", b"/v1/completions")]
+    assert b"".join(m.get("body", b"") for m in sent) == body
+
+
+def test_relay_answers_503_when_no_replica_answers_and_cuts_a_started_stream() -> None:
+    sent = relay(FakeReplicas(fail_after=0), b"{}")
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["code"] == "replica_unavailable"
+    with pytest.raises(RuntimeError, match="the replica died"):
+        relay(FakeReplicas(fail_after=2), b"{}")

@@ -51,4 +51,6 @@ class KVServeReplica:
             raise RuntimeError("the kvserve engine loop is not running")
 
     async def __del__(self) -> None:
-        await self.lifespan.__aexit__(None, None, None)
+        """Ray Serve awaits this when it stops the replica: the engine loop stops, its thread is joined."""
+        if hasattr(self, "lifespan"):  # not when the constructor failed
+            await self.lifespan.__aexit__(None, None, None)

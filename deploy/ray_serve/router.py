@@ -9,6 +9,7 @@ loaded replica (Ray Serve's queue-length probes choose within a rank)."""
 from __future__ import annotations
 
 import hashlib
+import random
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -18,11 +19,13 @@ def rendezvous_weight(key: str, replica: str) -> int:
 
 
 def rank_replicas(key: str | None, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
-    """Ranks to try in order: the key's owner alone, then all the others; no key: everyone at once."""
+    """Ranks to try in order: the key's owner alone, then all the others; no key: everyone at once.
+    Within a rank the shortest queue wins and ties go to the first, so the rank is shuffled: idle
+    replicas then share key-less traffic instead of the first one taking all of it."""
     if not key:
-        return [replicas]
+        return [random.sample(replicas, len(replicas))]
     ranked = sorted(replicas, key=lambda r: rendezvous_weight(key, r.replica_id.unique_id), reverse=True)
-    return [ranked[:1], ranked[1:]]
+    return [ranked[:1], random.sample(ranked[1:], len(ranked) - 1)]
 
 
 class AffinityRouter(RequestRouter):
