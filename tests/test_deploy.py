@@ -116,6 +116,13 @@ async def post(client: httpx.AsyncClient, path: str, body: dict[str, object]) ->
     return response.headers[REPLICA], "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
 
 
+def metric_sum(metrics: str, name: str, label: str = "") -> float | None:
+    """The sum of the samples of `name` (with `label` among their labels) in /metrics text; None if none."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith(name + "{") and label in line]
+    return sum(values) if values else None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + SHUTDOWN_TIMEOUT_S + 180)
 def test_ray_serve_replicas_affinity_and_streaming(ray_serve: RayServeProcess) -> None:
@@ -145,6 +152,25 @@ def test_ray_serve_replicas_affinity_and_streaming(ray_serve: RayServeProcess) -
 
             models = (await client.get("/v1/models")).json()
             assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
+
+            # a client that leaves mid-stream aborts its sequence on the replica (the same
+            # x-session-id sends the stream and the /metrics scrapes to one replica)
+            session = {"x-session-id": "leaver"}
+            long = completion(None, max_tokens=2000, stream=True) | {"ignore_eos": True}
+            async with client.stream("POST", "/v1/completions", json=long, headers=session) as response:
+                replica = response.headers[REPLICA]
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        break
+            for _ in range(50):
+                metrics = await client.get("/metrics", headers=session)
+                assert metrics.headers[REPLICA] == replica
+                if metric_sum(metrics.text, "vllm:request_success_total", 'finished_reason="abort"') and \
+                        metric_sum(metrics.text, "vllm:num_requests_running") == 0:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                pytest.fail(f"the abandoned stream was not aborted:\n{metrics.text}")
 
     asyncio.run(scenario())
 
