@@ -26,9 +26,11 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: AppArgs) -> Application:
-    kvserve_serve_parser().parse_args(args.kvserve_args)  # a bad flag fails here, not in N replicas
+    kvserve = kvserve_serve_parser().parse_args(args.kvserve_args)  # a bad flag fails here, not in N replicas
     replicas = KVServeReplica.options(
         num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
+        # a stopping replica drains its requests for as long as `kvserve serve --shutdown-timeout` would
+        graceful_shutdown_timeout_s=kvserve.shutdown_timeout,
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         request_router_config=RequestRouterConfig(request_router_class=AffinityRouter),
     ).bind(args.kvserve_args)
