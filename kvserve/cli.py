@@ -25,6 +25,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-policy", default=None, help="default policy: a name or a JSON object")
 
 
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The HTTP server's flags; deploy/ray_serve parses them too, so its replicas take `kvserve serve`'s options."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="larger request bodies get 413 (1 MiB: a full 8k-token context is far less)")
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
@@ -40,15 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
-    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0)
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20,
-                       help="larger request bodies get 413 (1 MiB: a full 8k-token context is far less)")
+    add_serve_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text")
     add_engine_args(generate)

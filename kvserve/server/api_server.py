@@ -87,24 +87,30 @@ def build_app(state: ServerState, api_key: str | None, max_body_bytes: int) -> F
     return app
 
 
+def build_state(args: argparse.Namespace, engine_config: EngineConfig) -> ServerState:
+    """The engine (it loads the model) and what the handlers share; apart from run_server so that
+    deploy/ray_serve builds each replica's app the same way. Raises PolicyError for a bad --kv-policy."""
+    default_policy = parse_policy(engine_config.kv_policy)
+    engine = AsyncEngine(engine_config)
+    admission = Admission(engine, args.max_queue)
+    model_name = args.served_model_name or args.model or DEFAULT_MODEL
+    return ServerState(engine=engine, admission=admission,
+                       metrics=ServerMetrics(engine, admission, model_name), model_name=model_name,
+                       model_root=str(engine.engine.runner.folder), default_policy=default_policy,
+                       log_prompts=args.log_prompts)
+
+
 def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     try:
-        default_policy = parse_policy(engine_config.kv_policy)
+        state = build_state(args, engine_config)  # loads the model before the port opens
     except PolicyError as e:
         log.error("--kv-policy: %s", e)
         return 2
-    engine = AsyncEngine(engine_config)  # loads the model before the port opens
-    admission = Admission(engine, args.max_queue)
-    model_name = args.served_model_name or args.model or DEFAULT_MODEL
-    state = ServerState(engine=engine, admission=admission,
-                        metrics=ServerMetrics(engine, admission, model_name), model_name=model_name,
-                        model_root=str(engine.engine.runner.folder), default_policy=default_policy,
-                        log_prompts=args.log_prompts)
     app = build_app(state, args.api_key, args.max_body_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_config=None,
                             timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_BACKSTOP_SECONDS)
     _Server(config, state, args.shutdown_timeout).run()
-    return 0 if engine.error is None else 1
+    return 0 if state.engine.error is None else 1
 
 
 class _Server(uvicorn.Server):
