@@ -95,3 +95,17 @@ def test_tailorkv_holds_under_15_percent_on_the_device_at_4k(engine, long_case):
     assert usage.bytes <= 0.15 * usage.full_bytes, usage
     assert host.pool.pages_free == host.pool.capacity
     assert passkey_correct(case, engine.tokenizer.decode(tokens))
+
+
+@pytest.mark.parametrize("policy", [{"name": "think", "channel_ratio": 0.5, "window": 16},
+                                    {"name": "tailorkv", "budget": 96, "recent": 24}])
+def test_a_preempted_compressed_request_recomputes_to_the_same_tokens(engine, policy):
+    prompt = engine.tokenizer(passkey_prompt(engine.tokenizer, 700, 0.5, seed=3).prompt)["input_ids"]
+    alone = finish(engine, run_until_decoding(engine, prompt, policy, "alone"))[0]
+    first = run_until_decoding(engine, prompt, policy, "preempted")
+    seq = engine.seqs["preempted"]
+    engine.scheduler.preempt(seq)
+    assert int(sum(t.lengths[seq.row or 0].sum() for t in engine.runner.tiers.tiers.values())) == 0
+    tokens, _ = finish(engine, first)
+    assert seq.metrics.num_preemptions == 1
+    assert tokens == alone

@@ -131,6 +131,8 @@ class Scheduler:
         self.table.release_row(seq.row)
         seq.row = None
         seq.num_computed = 0
+        # the recompute starts from a fresh policy: state such as ThinK's channels is chosen again
+        seq.policy = type(seq.policy)(seq.policy_params, seq.policy.prompt_tokens)
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1

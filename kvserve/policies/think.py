@@ -101,7 +101,7 @@ class ThinKPolicy(Policy):
         choosing = [i for i, p in enumerate(policies) if p.channels is None and bool(step.prompt_done[i])]
         if choosing:
             cls._choose_channels(step, torch.tensor(choosing), keep)
-        thinned = [p.channels is not None for p in policies]
+        thinned = [p.channels is not None and bool(done) for p, done in zip(policies, step.prompt_done)]
         if not any(thinned):
             return keep
         window = step.per_row([p.params.window for p in policies])[..., 0]
