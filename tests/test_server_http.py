@@ -217,3 +217,15 @@ def test_explicit_kv_policy_is_accepted_and_reported(server: str) -> None:
                        json={"prompt": PROMPT, "max_tokens": 2, "kv_policy": spec})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["kv_cache"]["policy"] == "full"
+
+
+def test_compressing_policies_report_the_bytes_they_hold(server: str) -> None:
+    """A 600-token prompt quantized (KIVI-2) and thinned (ThinK + SnapKV) holds less than a full cache."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 60
+    for spec in ({"name": "kivi", "bits": 2, "residual": 32}, {"name": "think", "base": {"name": "snapkv"}}):
+        r = httpx.post(f"{server}/v1/completions", timeout=120,
+                       json={"prompt": prompt, "max_tokens": 3, "kv_policy": spec, "temperature": 0})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]["kv_cache"]
+        assert usage["policy"] == spec["name"]
+        assert usage["bytes"] < 0.6 * usage["full_bytes"] <= 0.6 * usage["peak_bytes"], usage
