@@ -220,9 +220,10 @@ def test_explicit_kv_policy_is_accepted_and_reported(server: str) -> None:
 
 
 def test_compressing_policies_report_the_bytes_they_hold(server: str) -> None:
-    """A 600-token prompt quantized (KIVI-2) and thinned (ThinK + SnapKV) holds less than a full cache."""
+    """A 600-token prompt quantized (KIVI-2) and thinned (ThinK after SnapKV or H2O) holds less than a full cache."""
     prompt = "The quick brown fox jumps over the lazy dog. " * 60
-    for spec in ({"name": "kivi", "bits": 2, "residual": 32}, {"name": "think", "base": {"name": "snapkv"}}):
+    for spec in ({"name": "kivi", "bits": 2, "residual": 32}, {"name": "think", "base": {"name": "snapkv"}},
+                 {"name": "think", "base": {"name": "h2o", "ratio": 0.5}}):
         r = httpx.post(f"{server}/v1/completions", timeout=120,
                        json={"prompt": prompt, "max_tokens": 3, "kv_policy": spec, "temperature": 0})
         assert r.status_code == 200, r.text

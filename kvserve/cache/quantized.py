@@ -50,14 +50,16 @@ class QuantView(TierView):
         self.tier = tier
         self.batch_index = batch_index
         lens = tier.lengths[rows]
-        self.lens = lens
         tokens = int(lens.max())
-        self.token_tables = tier.tokens.tables[rows][..., : max(1, -(-tokens // tier.tokens.per_page))]
-        self.group_tables = tier.groups.tables[rows][..., : max(1, -(-tokens // tier.unit // tier.groups.per_page))]
+        # copied to the pool's device once per step, not once per layer
+        device = tier.pool.storage.device
+        self.lens = lens.to(device)
+        self.token_tables = tier.tokens.tables[rows][..., : max(1, -(-tokens // tier.tokens.per_page))].to(device)
+        self.group_tables = tier.groups.tables[rows][
+            ..., : max(1, -(-tokens // tier.unit // tier.groups.per_page))].to(device)
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
         tier = self.tier
         decode = quant_decode if triton else quant_decode_ref
-        device = q.device
-        return decode(q, tier.tokens.view, self.token_tables[:, layer].to(device), tier.groups.view,
-                      self.group_tables[:, layer].to(device), self.lens[:, layer].to(device), tier.layout, scale)
+        return decode(q, tier.tokens.view, self.token_tables[:, layer], tier.groups.view, self.group_tables[:, layer],
+                      self.lens[:, layer], tier.layout, scale)

@@ -51,16 +51,16 @@ class ThinView(TierView):
     def __init__(self, tier: ThinKeyTier, rows: torch.Tensor, batch_index: torch.Tensor) -> None:
         self.tier = tier
         self.batch_index = batch_index
-        self.lens = tier.lengths[rows]
-        tokens = int(self.lens.max())
-        self.key_tables = tier.keys.tables[rows][..., : max(1, -(-tokens // tier.keys.per_page))]
-        self.value_tables = tier.values.tables[rows][..., : max(1, -(-tokens // tier.values.per_page))]
-        self.channels = tier.channels[rows]
+        tokens = int(tier.lengths[rows].max())
+        # copied to the pool's device once per step, not once per layer
+        device = tier.pool.storage.device
+        self.lens = tier.lengths[rows].to(device)
+        self.key_tables = tier.keys.tables[rows][..., : max(1, -(-tokens // tier.keys.per_page))].to(device)
+        self.value_tables = tier.values.tables[rows][..., : max(1, -(-tokens // tier.values.per_page))].to(device)
+        self.channels = tier.channels[rows].to(device)
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
         tier = self.tier
         decode = thin_decode if triton else thin_decode_ref
-        device = q.device
-        return decode(q, self.channels[:, layer].to(device), tier.keys.view, self.key_tables[:, layer].to(device),
-                      tier.values.view, self.value_tables[:, layer].to(device), self.lens[:, layer].to(device),
-                      scale)
+        return decode(q, self.channels[:, layer], tier.keys.view, self.key_tables[:, layer], tier.values.view,
+                      self.value_tables[:, layer], self.lens[:, layer], scale)
