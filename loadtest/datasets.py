@@ -1,9 +1,9 @@
 """Prompts to send: fixed-length random text, passkey retrieval, a shared prefix, or a JSONL file.
 
 Prompts are text, not token ids, so that every OpenAI-compatible server accepts them. Lengths are
-counted with an approximate tokenizer (a word or a punctuation mark is a token, within ~10 % of
-SmolLM2's and Llama's tokenizers on this text); the exact counts come back in `usage`, and the
-metrics use those."""
+counted with an approximate tokenizer (a word or a punctuation mark is a token: within ~2 % of
+SmolLM2's tokenizer on these prompts); the exact counts come back in `usage`, and the metrics use
+those."""
 
 from __future__ import annotations
 

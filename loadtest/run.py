@@ -78,10 +78,10 @@ async def run_async(config: RunConfig, prefix: str = "") -> dict[str, Any]:
         label = f"{policy_label(config.policy)} @ {config.load}"
         progress = Progress(len(samples), f"{prefix} {label}".strip())
         scraper = Scraper(client, start=time.perf_counter(), interval=config.scrape_interval)
-        await scraper.scrape()
+        await scraper.scrape()  # the baseline of the counters
+        start = scraper.start = time.perf_counter()  # the duration starts with the first send, as vLLM's
         stop = asyncio.Event()
         watchers = [asyncio.create_task(scraper.run_until(stop)), asyncio.create_task(progress.run_until(stop))]
-        start = time.perf_counter()
         results = await _dispatch(client, config, samples, bodies, progress, deadline=start + config.max_duration)
         duration = time.perf_counter() - start
         stop.set()
