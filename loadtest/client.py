@@ -69,7 +69,7 @@ async def stream_completion(client: httpx.AsyncClient, index: int, sample: Sampl
                 result.error = f"HTTP {response.status_code}: {response.text[:200]}"
                 return result
             await _read_events(response, result)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, ValueError) as exc:  # no connection, a timeout, a stream that is not JSON events
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     if result.ttft is None:

@@ -141,6 +141,8 @@ def test_stream_without_usage_counts_chunks_and_failures_keep_their_status():
         raise httpx.ConnectError("refused", request=request)
 
     assert run_stream(unreachable, Sample("p", 2)).failure == "ConnectError"
+    garbled = run_stream(lambda _: httpx.Response(200, content=b"data: {not json\n\n"), Sample("p", 2))
+    assert garbled.failure == "JSONDecodeError"
 
 
 EXPOSITION = """# TYPE vllm:kv_cache_usage_perc gauge
