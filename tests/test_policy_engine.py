@@ -41,6 +41,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], specs: list[dict]) -> dict[
             results[out.request_id] = (tokens + out.token_ids, out.kv_usage)
     engine.runner.check_invariants(live_rows=[])
     assert engine.runner.pool.pages_free == engine.runner.pool.capacity
+    assert not any(engine.stats().bytes_held.values()), "bytes held reported after every request ended"
     return results
 
 

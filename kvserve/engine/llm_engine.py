@@ -94,7 +94,9 @@ class LLMEngine:
         if seq is None:
             return None
         seq.finish_reason = "abort"
-        return self._finish(seq)
+        out = self._finish(seq)
+        self._snapshot_bytes_held()
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -116,8 +118,8 @@ class LLMEngine:
         for seq, pages in zip(batch.seqs, self.runner.kv_pages_held([s.row for s in batch.seqs])):
             seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
         self.policies.after_step(batch, meta)
-        self._snapshot_bytes_held()
         if not sampling:
+            self._snapshot_bytes_held()
             return []
         sampled = [batch.seqs[i] for i in sampling]
         result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled],
@@ -136,6 +138,8 @@ class LLMEngine:
                 seq.output_logprobs.append(self._logprob(result, i, token, seq.params.logprobs))
             self._check_stop(seq, token)
             outputs.append(self._finish(seq) if seq.finish_reason else self._output(seq))
+        # after the finished sequences left: a gauge read once traffic stops must not show their bytes
+        self._snapshot_bytes_held()
         return outputs
 
     def _snapshot_bytes_held(self) -> None:
