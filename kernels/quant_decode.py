@@ -25,7 +25,6 @@ de-quantizes tile by tile in registers.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,17 +60,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (grouped << shifts).sum(-1, dtype=torch.uint8)
 
 
-@functools.cache
-def _unpack_table(bits: int, device: torch.device) -> torch.Tensor:
-    """[256, 8 // bits] uint8: the codes packed in each byte value."""
-    shifts = torch.arange(8 // bits, dtype=torch.uint8) * bits
-    return ((torch.arange(256, dtype=torch.uint8)[:, None] >> shifts) & (2 ** bits - 1)).to(device)
-
-
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: [..., m] uint8 -> [..., m * 8 / bits] uint8 codes."""
-    # one table lookup per byte: cheaper on a CPU than a shift and a mask per code
-    return _unpack_table(bits, packed.device)[packed.long()].flatten(-2)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+    return ((packed[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2)
 
 
 @dataclass(frozen=True)
