@@ -109,3 +109,22 @@ def test_a_preempted_compressed_request_recomputes_to_the_same_tokens(engine, po
     tokens, _ = finish(engine, first)
     assert seq.metrics.num_preemptions == 1
     assert tokens == alone
+
+
+def test_kivi_runs_more_sequences_than_fit_at_full_precision():
+    """A pool for 3050 full-cache tokens: two 1480-token prompts fill it, and quantizing them (one
+    layer at a time while pages are short) makes room for the third, which is admitted while they decode."""
+    token_bytes = 30 * 3 * 2 * 64 * 4
+    small = LLMEngine(EngineConfig(kv_cache_memory=3050 * token_bytes, max_num_batched_tokens=1024, max_num_seqs=4))
+    prompts = [small.tokenizer(passkey_prompt(small.tokenizer, 1600, 0.5, seed=s).prompt)["input_ids"][:1480]
+               for s in range(3)]
+    for i, prompt in enumerate(prompts):
+        small.add_request(str(i), prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                          {"name": "kivi", "bits": 2})
+    most = 0
+    while small.has_unfinished():
+        small.step()
+        most = max(most, len(small.scheduler.running))
+    assert most == 3
+    assert small.scheduler.num_preemptions == 0
+    small.runner.check_invariants(live_rows=[])

@@ -93,8 +93,11 @@ class PolicyRunner:
 
     def _transfer(self, key: object, transfer: Transfer, rows: torch.Tensor, keep: torch.Tensor, slot: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
-        """Copy the kept slots of `transfer.mask` into the tier, oldest first; return the slots moved
-        (none when the pool cannot hold them yet: they stay at full precision and move on a later step)."""
+        """Copy the kept slots of `transfer.mask` into the tier, oldest first; return the slots moved.
+
+        When the pool cannot take them all at once (the pages the move frees come back only after
+        it), they go one (sequence, layer) at a time while pages last; the rest stay at full
+        precision and move on a later step, once this step's moves have freed their pages."""
         mask = transfer.mask & keep
         moved = torch.zeros_like(mask)
         counts = mask.sum(-1)
@@ -107,12 +110,30 @@ class PolicyRunner:
         pool = self.table.pool
         keys = pool.k_pages.view(-1, pool.head_dim)[chosen]
         values = pool.v_pages.view(-1, pool.head_dim)[chosen]
+        tier = self.tiers.get(key)
+        extra = {name: t[active] for name, t in transfer.extra.items()}
         try:
-            self.tiers.get(key).store(rows[active], counts, keys, values,
-                                      **{name: t[active] for name, t in transfer.extra.items()})
-        except OutOfPages:
+            tier.store(rows[active], counts, keys, values, **extra)
+            moved[active] = mask
             return moved
-        moved[active] = mask
+        except OutOfPages:
+            pass
+        # tokens run head by head (sequence, layer, head): each (sequence, layer) is one contiguous span
+        ends = torch.cumsum(counts.sum(-1).flatten(), 0).view(counts.shape[:2]).tolist()
+        for i, row in enumerate(active.tolist()):
+            for layer in range(counts.shape[1]):
+                end = ends[i][layer]
+                start = end - int(counts[i, layer].sum())
+                if start == end:
+                    continue
+                piece = torch.zeros_like(counts[i:i + 1])
+                piece[0, layer] = counts[i, layer]
+                try:
+                    tier.store(rows[row:row + 1], piece, keys[start:end], values[start:end],
+                               **{name: t[i:i + 1] for name, t in extra.items()})
+                except OutOfPages:
+                    return moved
+                moved[row, layer] = mask[i, layer]
         return moved
 
     @staticmethod
