@@ -35,6 +35,7 @@ class HostTier(ThinKeyTier):
 
     def store(self, rows: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               **extra: torch.Tensor) -> None:
+        keys = keys.cpu()
         super().store(rows, counts, keys, values)
         self.select[rows] = extra["select"]
         self.channels_scored[rows] = extra["channels_scored"]

@@ -36,8 +36,10 @@ class ThinKeyTier(Tier):
               **extra: torch.Tensor) -> None:
         if "channels" in extra:
             self.channels[rows] = extra["channels"]
+        device = self.pool.storage.device  # the host tier's pool is on the host, whatever the keys' device
+        keys, values = keys.to(device), values.to(device)
         key_addr, value_addr = self._extend(rows, [counts, counts])
-        head_channels = self.channels[rows].flatten(0, 2).repeat_interleave(counts.flatten(), dim=0)
+        head_channels = self.channels[rows].flatten(0, 2).repeat_interleave(counts.flatten(), dim=0).to(device)
         dtype = self.pool.dtype
         self.keys.write(key_addr, keys.gather(1, head_channels).to(dtype).contiguous().view(torch.uint8))
         self.values.write(value_addr, values.to(dtype).contiguous().view(torch.uint8))

@@ -72,7 +72,7 @@ class PolicyRunner:
         if cls.needs_key_norms:
             fresh = held & (positions > (newest - counts)[:, None, None, None])
             key_norms = torch.full(slot.shape, float("nan"))
-            key_norms[fresh] = pool.k_pages.view(-1, pool.head_dim)[slot[fresh]].float().norm(dim=-1)
+            key_norms[fresh] = pool.k_pages.view(-1, pool.head_dim)[slot[fresh]].float().norm(dim=-1).cpu()
         step = PolicyStep(
             policies=[s.policy for s in seqs], lengths=lengths, new_tokens=counts, decoding=counts == 1,
             prompt_done=torch.tensor([s.num_computed == s.num_tokens for s in seqs]), newest_position=newest,

@@ -99,8 +99,9 @@ class PolicyStep:
                                       if f.name not in ("policies", "transfers", "key_store", "group_size")})
 
     def keys(self, rows: torch.Tensor) -> torch.Tensor:
-        """The keys of `rows` (indices into the n sequences), [len(rows), L, Hkv, S, D] float32."""
-        return self.key_store[self.slot[rows]].float()
+        """The keys of `rows` (indices into the n sequences), [len(rows), L, Hkv, S, D] float32, on the host
+        like every other field of the step."""
+        return self.key_store[self.slot[rows]].float().cpu()
 
     def per_row(self, values: list[float] | list[int]) -> torch.Tensor:
         """A per-sequence number broadcast against [n, L, Hkv, S]."""
