@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kvserve.kernels.records import field, list_addresses, read_records
+from kvserve.kernels.tile_attention import LOG2E, record_offset, softmax_tile, store_partial
 
 SCALE_DTYPE = torch.float16
 
@@ -162,20 +163,6 @@ def quant_decode_ref(q: torch.Tensor, token_view: torch.Tensor, token_tables: to
     return attend_dense(q, keys, values, lens, scale)
 
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _record_offset(table, index, per_half, half_bytes, record_bytes, num_pages, stride_tp):
-    """Byte offset in the pool of record `index` of the list whose page ids start at `table`."""
-    per_page = 2 * per_half
-    page = tl.load(table + (index // per_page) * stride_tp).to(tl.int64)
-    within = index % per_page
-    half = (within // per_half) * num_pages + page
-    return half * half_bytes + (within % per_half) * record_bytes
-
-
 @triton.jit
 def _quant_decode_kernel(
     q_ptr, pool_u8_ptr, pool_f16_ptr, token_tables_ptr, group_tables_ptr, lens_ptr, out_ptr, lse_ptr,
@@ -216,11 +203,11 @@ def _quant_decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, DIM], tl.float32)
     for start in range(0, seq_len, GROUP_SIZE):
-        group_off = _record_offset(group_table, start // GROUP_SIZE, group_per_half, half_bytes, 4 * DIM,
+        group_off = record_offset(group_table, start // GROUP_SIZE, group_per_half, half_bytes, 4 * DIM,
                                    num_pages, stride_gtp)
         k_step = tl.load(pool_f16_ptr + group_off // 2 + dims).to(tl.float32)
         k_low = tl.load(pool_f16_ptr + group_off // 2 + DIM + dims).to(tl.float32)
-        token_off = _record_offset(token_table, start + tokens, token_per_half, half_bytes, token_bytes,
+        token_off = record_offset(token_table, start + tokens, token_per_half, half_bytes, token_bytes,
                                    num_pages, stride_ttp)
         k_bytes = tl.load(pool_u8_ptr + token_off[:, None] + byte_of_channel[None, :])
         keys = ((k_bytes >> shift[None, :]) & code_mask).to(tl.float32) * k_step[None, :] + k_low[None, :]
@@ -232,19 +219,10 @@ def _quant_decode_kernel(
         values = ((v_bytes >> shift[None, :]) & code_mask).to(tl.float32) * v_step + v_low
 
         s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = softmax_tile(s, values, m_i, l_i, acc)
 
-    held = l_i > 0
-    out = tl.where(held[:, None], acc / tl.where(held, l_i, 1.0)[:, None], 0.0)
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-    lse = tl.where(held, (m_i + tl.log2(tl.where(held, l_i, 1.0))) * _LN2, float("-inf"))
-    tl.store(lse_ptr + b * stride_lseb + heads * stride_lseh, lse, mask=head_mask)
+    store_partial(out_ptr, lse_ptr, b, heads, head_mask, dims, m_i, l_i, acc,
+                  stride_ob, stride_oh, stride_od, stride_lseb, stride_lseh)
 
 
 def quant_decode(q: torch.Tensor, token_view: torch.Tensor, token_tables: torch.Tensor,
@@ -262,7 +240,7 @@ def quant_decode(q: torch.Tensor, token_view: torch.Tensor, token_tables: torch.
     lse = torch.empty(batch, q_heads, dtype=torch.float32, device=q.device)
     _quant_decode_kernel[(batch, kv_heads)](
         q, pool_u8, pool_u8.view(torch.float16), token_tables, group_tables, lens, out, lse,
-        scale * _LOG2E.value,
+        scale * LOG2E.value,
         *q.stride(), *token_tables.stride(), *group_tables.stride(), *lens.stride(), *out.stride(),
         *lse.stride(),
         group, token_view.shape[0] // 2, token_view.stride(0), token_view.shape[1], group_view.shape[1],

@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvserve.kernels.quant_decode import _record_offset, attend_dense
+from kvserve.kernels.quant_decode import attend_dense
 from kvserve.kernels.records import list_addresses, read_records
+from kvserve.kernels.tile_attention import LOG2E, record_offset, softmax_tile, store_partial
 
 
 def thin_decode_ref(q: torch.Tensor, channels: torch.Tensor, key_view: torch.Tensor, key_tables: torch.Tensor,
@@ -39,10 +40,6 @@ def thin_decode_ref(q: torch.Tensor, channels: torch.Tensor, key_view: torch.Ten
     group = q_heads // kv_heads
     q_thin = q.view(batch, kv_heads, group, dim).gather(-1, channels[:, :, None, :].expand(-1, -1, group, keep))
     return attend_dense(q_thin.reshape(batch, q_heads, keep), keys, values.view(q.dtype), lens, scale)
-
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -83,28 +80,19 @@ def _thin_decode_kernel(
         index = start + tl.arange(0, BLOCK_N)
         valid = index < seq_len
         safe = tl.where(valid, index, 0)
-        key_off = _record_offset(key_table, safe, key_per_half, half_bytes, keep * itemsize, num_pages, stride_ktp)
+        key_off = record_offset(key_table, safe, key_per_half, half_bytes, keep * itemsize, num_pages, stride_ktp)
         keys = tl.load(pool_ptr + key_off[:, None] // itemsize + kept[None, :],
                        mask=valid[:, None] & kept_mask[None, :], other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
-        value_off = _record_offset(value_table, safe, value_per_half, half_bytes, DIM * itemsize, num_pages,
+        value_off = record_offset(value_table, safe, value_per_half, half_bytes, DIM * itemsize, num_pages,
                                    stride_vtp)
         values = tl.load(pool_ptr + value_off[:, None] // itemsize + dims[None, :], mask=valid[:, None],
                          other=0.0).to(tl.float32)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = softmax_tile(s, values, m_i, l_i, acc)
 
-    held = l_i > 0
-    out = tl.where(held[:, None], acc / tl.where(held, l_i, 1.0)[:, None], 0.0)
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-    lse = tl.where(held, (m_i + tl.log2(tl.where(held, l_i, 1.0))) * _LN2, float("-inf"))
-    tl.store(lse_ptr + b * stride_lseb + heads * stride_lseh, lse, mask=head_mask)
+    store_partial(out_ptr, lse_ptr, b, heads, head_mask, dims, m_i, l_i, acc,
+                  stride_ob, stride_oh, stride_od, stride_lseb, stride_lseh)
 
 
 def thin_decode(q: torch.Tensor, channels: torch.Tensor, key_view: torch.Tensor, key_tables: torch.Tensor,
@@ -120,7 +108,7 @@ def thin_decode(q: torch.Tensor, channels: torch.Tensor, key_view: torch.Tensor,
     lse = torch.empty(batch, q_heads, dtype=torch.float32, device=q.device)
     _thin_decode_kernel[(batch, kv_heads)](
         q, pool, channels, key_tables, value_tables, lens, out, lse,
-        scale * _LOG2E.value,
+        scale * LOG2E.value,
         *q.stride(), *channels.stride(), *key_tables.stride(), *value_tables.stride(), *lens.stride(),
         *out.stride(), *lse.stride(),
         q_heads // kv_heads, keep, key_view.shape[0] // 2, key_view.stride(0), key_view.shape[1],

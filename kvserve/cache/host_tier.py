@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.cache.thin_key import ThinKeyTier
+from kvserve.cache.thin_key import ThinKeyTier, ThinView
 from kvserve.cache.tier import Tier, TierKey, TierSet, TierView
 from kvserve.kernels.sparse_decode import sparse_decode_ref
 
@@ -53,14 +53,9 @@ class HostTier(ThinKeyTier):
         return HostView(self, rows, batch_index)
 
 
-class HostView(TierView):
+class HostView(ThinView):
     def __init__(self, tier: HostTier, rows: torch.Tensor, batch_index: torch.Tensor) -> None:
-        self.tier = tier
-        self.batch_index = batch_index
-        self.lens = tier.lengths[rows]
-        tokens = int(self.lens.max())
-        self.key_tables = tier.keys.tables[rows][..., : max(1, -(-tokens // tier.keys.per_page))]
-        self.value_tables = tier.values.tables[rows][..., : max(1, -(-tokens // tier.values.per_page))]
+        super().__init__(tier, rows, batch_index)
         self.key_max = tier.key_max[rows]
         self.select = tier.select[rows]
         self.channels_scored = tier.channels_scored[rows]

@@ -54,9 +54,8 @@ class QuantView(TierView):
         # copied to the pool's device once per step, not once per layer
         device = tier.pool.storage.device
         self.lens = lens.to(device)
-        self.token_tables = tier.tokens.tables[rows][..., : max(1, -(-tokens // tier.tokens.per_page))].to(device)
-        self.group_tables = tier.groups.tables[rows][
-            ..., : max(1, -(-tokens // tier.unit // tier.groups.per_page))].to(device)
+        self.token_tables = tier.tokens.lists(rows, tokens, device)
+        self.group_tables = tier.groups.lists(rows, tokens // tier.unit, device)
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
         tier = self.tier

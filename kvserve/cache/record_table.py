@@ -49,6 +49,10 @@ class RecordTable(PageTable):
         a head's length point into the null page)."""
         return list_addresses(self.tables[rows], records, self.per_half, self.pool.num_pages)
 
+    def lists(self, rows: torch.Tensor, records: int, device: torch.device) -> torch.Tensor:
+        """The page lists of `rows` cut to the pages `records` records need, on `device`: [n, L, Hkv, P]."""
+        return self.tables[rows][..., : max(1, -(-records // self.per_page))].to(device)
+
     def write(self, addresses: torch.Tensor, data: torch.Tensor) -> None:
         """data [M, record_bytes] uint8 into the records at `addresses` [M]."""
         self.view[addresses // self.per_half, addresses % self.per_half] = data

@@ -57,8 +57,8 @@ class ThinView(TierView):
         # copied to the pool's device once per step, not once per layer
         device = tier.pool.storage.device
         self.lens = tier.lengths[rows].to(device)
-        self.key_tables = tier.keys.tables[rows][..., : max(1, -(-tokens // tier.keys.per_page))].to(device)
-        self.value_tables = tier.values.tables[rows][..., : max(1, -(-tokens // tier.values.per_page))].to(device)
+        self.key_tables = tier.keys.lists(rows, tokens, device)
+        self.value_tables = tier.values.lists(rows, tokens, device)
         self.channels = tier.channels[rows].to(device)
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
