@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -117,9 +118,14 @@ def test_32_concurrent_streams_complete_with_exact_token_counts(server: str) -> 
     assert value(after, "kvserve:kv_pages_in_use") == value(before, "kvserve:kv_pages_in_use") == 0
 
 
-def test_streaming_client_disconnect_aborts_and_frees_pages(server: str) -> None:
+@pytest.mark.parametrize("policy,prompt", [
+    ("full", PROMPT),
+    # 300 tokens of which KIVI quantizes all but its 32-token residual: the quantized pages go back too
+    ("kivi", "The quick brown fox jumps over the lazy dog. " * 30)])
+def test_streaming_client_disconnect_aborts_and_frees_pages(server: str, policy: str, prompt: str) -> None:
     before = wait_idle(server)
-    body = {"prompt": PROMPT, "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    spec = {"name": policy} if policy == "full" else {"name": policy, "residual": 32}
+    body = {"prompt": prompt, "max_tokens": 1000, "stream": True, "ignore_eos": True, "kv_policy": spec}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()  # held, so that leaving the loop does not close the response yet
         seen = 0
@@ -130,15 +136,16 @@ def test_streaming_client_disconnect_aborts_and_frees_pages(server: str) -> None
         during = scrape(server)
         assert value(during, "vllm:num_requests_running") == 1
         assert value(during, "kvserve:kv_pages_in_use") > 0
-        assert value(during, "kvserve:kv_bytes_held", policy="full") > 0
-        assert value(during, "kvserve:requests_in_flight", policy="full") == 1
+        assert value(during, "kvserve:kv_bytes_held", policy=policy) > 0
+        assert value(during, "kvserve:requests_in_flight", policy=policy) == 1
     after = wait_idle(server, timeout=10)
     assert value(after, "vllm:num_requests_running") == 0
     assert value(after, "kvserve:kv_pages_in_use") == value(before, "kvserve:kv_pages_in_use")
+    assert value(after, "kvserve:kv_bytes_held", policy=policy) == 0
     assert value(after, "vllm:request_success_total", finished_reason="abort") \
         == value(before, "vllm:request_success_total", finished_reason="abort") + 1
-    assert value(after, "kvserve:requests_total", policy="full", finished_reason="abort") \
-        == value(before, "kvserve:requests_total", policy="full", finished_reason="abort") + 1
+    assert value(after, "kvserve:requests_total", policy=policy, finished_reason="abort") \
+        == value(before, "kvserve:requests_total", policy=policy, finished_reason="abort") + 1
 
 
 def test_non_streaming_client_disconnect_aborts_and_frees_pages(server: str) -> None:
