@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvserve.cache.thin_key import ThinKey
 from kvserve.policies.base import PolicyStep
 from kvserve.policies.registry import POLICIES, PolicyError, create_policy, describe_policies, parse_policy
+from kvserve.policies.think import ThinKPolicy
 
 
 def make_step(spec: dict, slots: int, *, heads: int = 1, new_tokens: int = 1, decode_sum=None, decode_max=None,
@@ -169,3 +171,28 @@ def test_registry_validates_and_describes():
     described = {d["name"]: d for d in describe_policies()}
     assert described["h2o"]["defaults"]["ratio"] == 0.5
     assert "budget" in described["h2o"]["schema"]["properties"]
+
+
+def test_think_scores_channels_by_query_and_key_energy_and_thins_older_tokens():
+    # two sequences, one layer, one KV head of 3 query heads, 4 channels; 6 tokens each, window 2
+    policies = [create_policy(parse_policy({"name": "think", "channel_ratio": 0.5, "window": 2}), 6)
+                for _ in range(2)]
+    shape = (2, 1, 1, 6)
+    keys = torch.tensor([[3.0, 1.0, 2.0, 0.5]]).repeat(12, 1)  # key energy per channel: 9, 1, 4, 0.25
+    query_energy = torch.zeros(2, 1, 3, 4)
+    query_energy[0] = torch.tensor([0.01, 5.0, 1.0, 100.0])  # products: 0.09, 5, 4, 25 -> channels 1, 3
+    step = PolicyStep(
+        policies=policies, lengths=torch.full(shape[:3], 6), new_tokens=torch.tensor([6, 1]),
+        decoding=torch.tensor([False, True]), prompt_done=torch.tensor([True, True]),
+        newest_position=torch.tensor([5, 5]), held=torch.ones(shape, dtype=torch.bool),
+        positions=torch.arange(6).expand(shape).clone(), scores=torch.zeros(shape), aux=torch.zeros(shape),
+        key_norms=None, decode_sum=None, decode_max=None, window=None, query_energy=query_energy, group_size=3,
+        slot=torch.arange(12).view(shape), key_store=keys)
+    keep = ThinKPolicy.act(step)
+    assert bool(keep.all())  # nothing is dropped: thinned tokens move
+    assert policies[0].channels.tolist() == [[[1, 3]]]
+    # the second observed no window (its last prompt chunk was one token): keys alone rank, 0 and 2
+    assert policies[1].channels.tolist() == [[[0, 2]]]
+    transfer = step.transfers[ThinKey(2)]
+    # every token older than the window moves: positions 0..3 of both
+    assert transfer.mask[:, 0, 0].tolist() == [[True] * 4 + [False] * 2] * 2

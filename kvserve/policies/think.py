@@ -128,10 +128,12 @@ class ThinKPolicy(Policy):
         kept = keep[rows][..., None]
         key_energy = (keys.pow(2) * kept).sum(-2) / kept.sum(-2).clamp(min=1)
         n, layers, kv_heads, dim = key_energy.shape
+        # a sequence whose last prompt chunk was one token observed no window: it ranks on the keys alone
+        query_energy = torch.ones_like(key_energy)
         if step.query_energy is not None:
-            query_energy = step.query_energy[rows].view(n, layers, kv_heads, -1, dim).mean(-2)
-        else:  # a one-token last chunk: no window was observed, rank on the keys alone
-            query_energy = torch.ones_like(key_energy)
+            observed = step.query_energy[rows].view(n, layers, kv_heads, -1, dim).mean(-2)
+            seen = observed.flatten(1).any(-1)
+            query_energy[seen] = observed[seen]
         score = query_energy * key_energy
         for i, row in enumerate(rows.tolist()):
             policy = step.policies[row]
