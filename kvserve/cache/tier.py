@@ -29,11 +29,12 @@ from kvserve.cache.record_table import RecordTable
 
 
 @dataclass(frozen=True)
-class TierKey:
+class TierKey(ABC):
     """Names a tier format and its parameters; equal keys share one tier."""
 
+    @abstractmethod
     def create(self, cache: TierSet) -> Tier:
-        raise NotImplementedError
+        """The tier this key names, in `cache`'s pool (or its host pool)."""
 
 
 class TierView(ABC):

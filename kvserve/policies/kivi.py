@@ -54,6 +54,14 @@ def flush_groups(step: PolicyStep, acting: torch.Tensor, residual: torch.Tensor,
     return oldest(step.positions, step.held, counts)
 
 
+def quantize_into(step: PolicyStep, mask: torch.Tensor, keys: list[QuantKey]) -> None:
+    """Ask for the slots of `mask` to move into each sequence's quantized tier (`keys`, one per sequence)."""
+    if bool(mask.any()):
+        for key in set(keys):
+            mine = torch.tensor([k == key for k in keys])[:, None, None, None]
+            step.transfers[key] = Transfer(mask & mine)
+
+
 @register
 class KIVIPolicy(Policy):
     name = "kivi"
@@ -66,10 +74,5 @@ class KIVIPolicy(Policy):
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
         residual = step.per_row([p.params.residual for p in step.policies])[..., 0]
         group = step.per_row([p.params.group_size for p in step.policies])[..., 0]
-        mask = flush_groups(step, step.prompt_done, residual, group)
-        if bool(mask.any()):
-            keys = [p.tier() for p in step.policies]
-            for key in set(keys):
-                mine = torch.tensor([k == key for k in keys])[:, None, None, None]
-                step.transfers[key] = Transfer(mask & mine)
+        quantize_into(step, flush_groups(step, step.prompt_done, residual, group), [p.tier() for p in step.policies])
         return None

@@ -25,7 +25,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from kvserve.cache.host_tier import HostKey
 from kvserve.cache.quantized import QuantKey
 from kvserve.policies.base import Policy, PolicyParams, PolicyStep, Transfer
-from kvserve.policies.kivi import KIVIParams, flush_groups
+from kvserve.policies.kivi import KIVIParams, flush_groups, quantize_into
 from kvserve.policies.registry import register
 
 TOP_FRACTION = 0.05  # the paper's alpha
@@ -81,20 +81,18 @@ class TailorKVPolicy(Policy):
         deciding = [i for i, p in enumerate(policies) if p.quantized is None and bool(step.prompt_done[i])]
         if deciding:
             cls._classify(step, deciding, layers)
-            cls._offload(step, deciding)
         decided = torch.tensor([p.quantized is not None for p in policies])
         if not bool(decided.any()):
             return None
+        # [n, L]: the quantized layers of each decided sequence (none for the others)
         quantized = torch.stack([p.quantized if p.quantized is not None else torch.zeros(layers, dtype=torch.bool)
                                  for p in policies])
+        if deciding:
+            cls._offload(step, deciding, decided[:, None] & ~quantized)
         residual = step.per_row([p.params.residual for p in policies])[..., 0]
         group = step.per_row([p.params.group_size for p in policies])[..., 0]
         mask = flush_groups(step, decided, residual, group) & quantized[:, :, None, None]
-        if bool(mask.any()):
-            keys = [QuantKey(p.params.bits, p.params.group_size) for p in policies]
-            for key in set(keys):
-                mine = torch.tensor([k == key for k in keys])[:, None, None, None]
-                step.transfers[key] = Transfer(mask & mine)
+        quantize_into(step, mask, [QuantKey(p.params.bits, p.params.group_size) for p in policies])
         return None
 
     @classmethod
@@ -114,13 +112,11 @@ class TailorKVPolicy(Policy):
             policy.quantized = chosen
 
     @classmethod
-    def _offload(cls, step: PolicyStep, rows: list[int]) -> None:
-        """Move each sparse layer's middle prompt tokens to the host tier."""
+    def _offload(cls, step: PolicyStep, rows: list[int], sparse: torch.Tensor) -> None:
+        """Move the middle prompt tokens of each sparse layer ([n, L] bool) of `rows` to the host tier."""
         policies: list[TailorKVPolicy] = step.policies
         picked = torch.zeros(len(policies), dtype=torch.bool)
         picked[rows] = True
-        sparse = torch.stack([~p.quantized if p.quantized is not None else torch.zeros_like(policies[rows[0]].quantized)
-                              for p in policies])
         sinks = step.per_row([p.params.sinks for p in policies])
         prompt_end = step.per_row([p.prompt_tokens - p.params.recent for p in policies])
         mask = (step.held & (step.positions >= sinks) & (step.positions < prompt_end)
