@@ -13,9 +13,10 @@ returns
                    zero beyond a head's length. The eviction policies read these.
 Query head h attends with KV head h // G.
 
-`paged_decode_ref` is the torch reference (the CPU path). `paged_decode` is the Triton version
-(flash decoding), and `attention_scores` the Triton kernel behind its scores, which a caller may
-also run on its own to accumulate scores in place.
+`paged_decode_ref` is the torch reference. `paged_decode_cpu` runs the compiled CPU kernel
+(kernels/csrc/paged_decode.cpp), which reads keys and values in place from the pages instead of
+gathering them. `paged_decode` is the Triton version (flash decoding), and `attention_scores` the
+Triton kernel behind its scores, which a caller may also run on its own to accumulate scores in place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from kvserve.kernels import cpu_library
 
 
 def gather_pages(pages: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -54,6 +57,34 @@ def paged_decode_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     out = torch.matmul(probs.to(values.dtype), values).view(batch, q_heads, dim)
     scores = (probs.sum(2), probs.amax(2)) if want_scores else None
     return out, lse.view(batch, q_heads), scores
+
+
+def paged_decode_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     want_scores: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """paged_decode_ref's contract on CPU float32/bfloat16 tensors, by the compiled kernel: one
+    (sequence, KV head) pair per task, its G query heads together, the pages read where they lie."""
+    batch, q_heads, dim = q.shape
+    kv_heads, pages = block_tables.shape[1:]
+    block_size = k_pages.shape[1]
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    tables = block_tables.to(torch.int32)
+    tables = tables if tables.stride(2) == 1 else tables.contiguous()
+    lens = seq_lens.to(torch.int32)
+    out = torch.empty(batch, q_heads, dim, dtype=q.dtype)
+    lse = torch.empty(batch, q_heads, dtype=torch.float32)
+    scores = None
+    if want_scores:
+        scores = tuple(torch.empty(batch, kv_heads, pages * block_size, dtype=torch.float32) for _ in range(2))
+    if batch:
+        cpu_library.library().kv_paged_decode(
+            cpu_library.dtype_code(q), q.data_ptr(), q.stride(0), k_pages.data_ptr(), v_pages.data_ptr(), block_size,
+            tables.data_ptr(), tables.stride(0), tables.stride(1), pages, lens.data_ptr(), lens.stride(0),
+            lens.stride(1), batch, q_heads, kv_heads, dim, scale, out.data_ptr(), lse.data_ptr(),
+            scores[0].data_ptr() if scores else None, scores[1].data_ptr() if scores else None)
+    return out, lse, scores
 
 
 def merge_attention(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor

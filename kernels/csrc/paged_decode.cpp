@@ -1,0 +1,151 @@
+// Paged decode attention on the CPU: one query token per sequence over its per-head page lists.
+// The shapes and the contract are paged_decode_ref's (kernels/paged_decode.py). Keys and values are
+// read once, in place, a page at a time: each page is converted to float32 once (bfloat16 pools)
+// and then serves the G query heads of its KV group from L1.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace kv {
+
+// a . b over dim elements. The sum runs in 16 lanes, folded as a tree at the end: a plain reduction
+// loop ends in a chain of scalar adds, since without -ffast-math the compiler keeps their order.
+static inline float dot(const float* __restrict a, const float* __restrict b, int dim) {
+    constexpr int kLanes = 16;
+    if (dim % kLanes != 0) {
+        float sum = 0.0f;
+        for (int d = 0; d < dim; ++d) sum += a[d] * b[d];
+        return sum;
+    }
+    float lanes[kLanes] = {};
+    for (int d0 = 0; d0 < dim; d0 += kLanes)
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) lanes[l] += a[d0 + l] * b[d0 + l];
+    for (int width = kLanes / 2; width > 0; width /= 2)
+#pragma omp simd
+        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    return lanes[0];
+}
+
+// DIM > 0 fixes head_dim at compile time (the common 64 and 128), so the per-slot loops unroll fully
+template <typename T, int DIM>
+static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const T* v_pages, int block_size,
+                         const int32_t* tables, int64_t tables_stride_b, int64_t tables_stride_h, int pages,
+                         const int32_t* lens, int64_t lens_stride_b, int64_t lens_stride_h, int batch,
+                         int q_heads, int kv_heads, int runtime_dim, float scale, T* out, float* lse,
+                         float* score_sum, float* score_max) {
+    const int dim = DIM > 0 ? DIM : runtime_dim;
+    const int group = q_heads / kv_heads;
+    const int64_t slots = static_cast<int64_t>(pages) * block_size;
+    const int64_t page_elements = static_cast<int64_t>(block_size) * dim;
+#pragma omp parallel
+    {
+        // probs[g * slots + s]: first the logits, then the probabilities, of query head g for slot s
+        std::vector<float> probs(static_cast<size_t>(group) * slots);
+        std::vector<float> query(static_cast<size_t>(group) * dim), acc(static_cast<size_t>(group) * dim);
+        std::vector<float> page_rows(page_elements);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < static_cast<int64_t>(batch) * kv_heads; ++item) {
+            const int64_t b = item / kv_heads, h = item % kv_heads;
+            const int64_t len = lens[b * lens_stride_b + h * lens_stride_h];
+            const int64_t used_pages = (len + block_size - 1) / block_size;
+            const int32_t* table = tables + b * tables_stride_b + h * tables_stride_h;
+            const T* q_group = q + b * q_stride_b + h * group * dim;
+            for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) query[i] = to_f32(q_group[i]) * scale;
+
+            for (int64_t page = 0; page < used_pages; ++page) {
+                const int64_t start = page * block_size;
+                const int64_t in_page = std::min<int64_t>(len - start, block_size);
+                const float* keys = load_row(k_pages + table[page] * page_elements, page_rows.data(),
+                                             in_page * dim);
+                for (int g = 0; g < group; ++g) {
+                    const float* __restrict qg = query.data() + g * dim;
+                    float* __restrict logits = probs.data() + g * slots + start;
+                    for (int64_t j = 0; j < in_page; ++j) logits[j] = dot(qg, keys + j * dim, dim);
+                }
+            }
+            for (int g = 0; g < group; ++g) {
+                float* p = probs.data() + g * slots;
+                float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+                for (int64_t s = 0; s < len; ++s) top = p[s] > top ? p[s] : top;
+                float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+                for (int64_t s = 0; s < len; ++s) {
+                    p[s] = fast_exp(p[s] - top);
+                    total += p[s];
+                }
+                const float inv = 1.0f / total;
+#pragma omp simd
+                for (int64_t s = 0; s < len; ++s) p[s] *= inv;
+                lse[b * q_heads + h * group + g] = top + std::log(total);
+            }
+
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t page = 0; page < used_pages; ++page) {
+                const int64_t start = page * block_size;
+                const int64_t in_page = std::min<int64_t>(len - start, block_size);
+                const float* values = load_row(v_pages + table[page] * page_elements, page_rows.data(),
+                                               in_page * dim);
+                for (int g = 0; g < group; ++g) {
+                    const float* __restrict weights = probs.data() + g * slots + start;
+                    float* __restrict a = acc.data() + g * dim;
+                    for (int64_t j = 0; j < in_page; ++j) {
+                        const float* __restrict value = values + j * dim;
+#pragma omp simd
+                        for (int d = 0; d < dim; ++d) a[d] += weights[j] * value[d];
+                    }
+                }
+            }
+            T* out_group = out + (b * q_heads + h * group) * dim;
+            for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) out_group[i] = from_f32<T>(acc[i]);
+
+            if (score_sum != nullptr) {
+                float* sums = score_sum + item * slots;
+                float* maxes = score_max + item * slots;
+                for (int64_t s = 0; s < len; ++s) {
+                    float sum = 0.0f, most = 0.0f;
+                    for (int g = 0; g < group; ++g) {
+                        const float p = probs[g * slots + s];
+                        sum += p;
+                        most = p > most ? p : most;
+                    }
+                    sums[s] = sum;
+                    maxes[s] = most;
+                }
+                std::fill(sums + len, sums + slots, 0.0f);
+                std::fill(maxes + len, maxes + slots, 0.0f);
+            }
+        }
+    }
+}
+
+template <typename T>
+static void dispatch_dim(const void* q, int64_t q_stride_b, const void* k_pages, const void* v_pages,
+                         int block_size, const int32_t* tables, int64_t tables_stride_b, int64_t tables_stride_h,
+                         int pages, const int32_t* lens, int64_t lens_stride_b, int64_t lens_stride_h, int batch,
+                         int q_heads, int kv_heads, int dim, float scale, void* out, float* lse, float* score_sum,
+                         float* score_max) {
+    auto run = [&](auto kernel) {
+        kernel(static_cast<const T*>(q), q_stride_b, static_cast<const T*>(k_pages), static_cast<const T*>(v_pages),
+               block_size, tables, tables_stride_b, tables_stride_h, pages, lens, lens_stride_b, lens_stride_h,
+               batch, q_heads, kv_heads, dim, scale, static_cast<T*>(out), lse, score_sum, score_max);
+    };
+    if (dim == 64) run(paged_decode<T, 64>);
+    else if (dim == 128) run(paged_decode<T, 128>);
+    else run(paged_decode<T, 0>);
+}
+
+}  // namespace kv
+
+extern "C" void kv_paged_decode(int dtype, const void* q, int64_t q_stride_b, const void* k_pages,
+                                const void* v_pages, int block_size, const int32_t* tables, int64_t tables_stride_b,
+                                int64_t tables_stride_h, int pages, const int32_t* lens, int64_t lens_stride_b,
+                                int64_t lens_stride_h, int batch, int q_heads, int kv_heads, int dim, float scale,
+                                void* out, float* lse, float* score_sum, float* score_max) {
+    auto decode = dtype == kv::kFloat32 ? kv::dispatch_dim<float> : kv::dispatch_dim<kv::bf16>;
+    decode(q, q_stride_b, k_pages, v_pages, block_size, tables, tables_stride_b, tables_stride_h, pages, lens,
+           lens_stride_b, lens_stride_h, batch, q_heads, kv_heads, dim, scale, out, lse, score_sum, score_max);
+}

@@ -1,0 +1,96 @@
+// Fused pointwise steps of the decoder layer on the CPU, each one pass over its rows. The contracts
+// are those of the torch references in kernels/pointwise.py.
+#include <cmath>
+
+#include "common.h"
+
+namespace kv {
+
+// Rows are split between threads only when there is enough work to pay for waking them.
+static constexpr int64_t kParallelElements = 1 << 15;
+
+// out = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), row by row (HF Llama's RMSNorm)
+template <typename T>
+static void rms_norm(const T* x, int64_t x_stride, const T* weight, T* out, int64_t rows, int64_t width, float eps) {
+#pragma omp parallel for if (rows * width >= kParallelElements)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* in = x + r * x_stride;
+        T* o = out + r * width;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < width; ++i) squares += to_f32(in[i]) * to_f32(in[i]);
+        const float inv = 1.0f / std::sqrt(squares / static_cast<float>(width) + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i)
+            o[i] = from_f32<T>(to_f32(weight[i]) * to_f32(from_f32<T>(to_f32(in[i]) * inv)));
+    }
+}
+
+// gate_up [rows, 2 * width] -> out [rows, width] = silu(gate) * up, silu rounded to T first as torch does
+template <typename T>
+static void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width) {
+#pragma omp parallel for if (rows * width >= kParallelElements)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* gate = gate_up + r * 2 * width;
+        const T* up = gate + width;
+        T* o = out + r * width;
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) {
+            const float g = to_f32(gate[i]);
+            const float silu = to_f32(from_f32<T>(g / (1.0f + fast_exp(-g > 88.0f ? 88.0f : -g))));
+            o[i] = from_f32<T>(silu * to_f32(up[i]));
+        }
+    }
+}
+
+// In place, the first `heads` heads of each row of x [rows, >= heads * dim] (row stride x_stride):
+// the rotate-half RoPE of HF Llama at positions[r], with cos, sin [max_position, dim / 2]
+template <typename T>
+static void rope(T* x, int64_t x_stride, const int64_t* positions, const T* cos, const T* sin, int64_t rows,
+                 int heads, int dim) {
+    const int half = dim / 2;
+#pragma omp parallel for if (rows * heads * dim >= kParallelElements)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* c = cos + positions[r] * half;
+        const T* s = sin + positions[r] * half;
+        for (int h = 0; h < heads; ++h) {
+            T* x1 = x + r * x_stride + h * dim;
+            T* x2 = x1 + half;
+#pragma omp simd
+            for (int i = 0; i < half; ++i) {
+                const float a = to_f32(x1[i]), b = to_f32(x2[i]), ci = to_f32(c[i]), si = to_f32(s[i]);
+                x1[i] = from_f32<T>(a * ci - b * si);
+                x2[i] = from_f32<T>(b * ci + a * si);
+            }
+        }
+    }
+}
+
+}  // namespace kv
+
+extern "C" void kv_rms_norm(int dtype, const void* x, int64_t x_stride, const void* weight, void* out, int64_t rows,
+                            int64_t width, float eps) {
+    if (dtype == kv::kFloat32)
+        kv::rms_norm(static_cast<const float*>(x), x_stride, static_cast<const float*>(weight),
+                     static_cast<float*>(out), rows, width, eps);
+    else
+        kv::rms_norm(static_cast<const kv::bf16*>(x), x_stride, static_cast<const kv::bf16*>(weight),
+                     static_cast<kv::bf16*>(out), rows, width, eps);
+}
+
+extern "C" void kv_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t width) {
+    if (dtype == kv::kFloat32)
+        kv::silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, width);
+    else
+        kv::silu_mul(static_cast<const kv::bf16*>(gate_up), static_cast<kv::bf16*>(out), rows, width);
+}
+
+extern "C" void kv_rope(int dtype, void* x, int64_t x_stride, const int64_t* positions, const void* cos,
+                        const void* sin, int64_t rows, int heads, int dim) {
+    if (dtype == kv::kFloat32)
+        kv::rope(static_cast<float*>(x), x_stride, positions, static_cast<const float*>(cos),
+                 static_cast<const float*>(sin), rows, heads, dim);
+    else
+        kv::rope(static_cast<kv::bf16*>(x), x_stride, positions, static_cast<const kv::bf16*>(cos),
+                 static_cast<const kv::bf16*>(sin), rows, heads, dim);
+}

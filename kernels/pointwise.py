@@ -1,0 +1,77 @@
+"""The decoder layer's pointwise steps: RMSNorm, rotary embedding, SiLU-and-multiply.
+
+Shapes (T tokens, W row width, D head_dim):
+    rms_norm(x [T, W], weight [W], eps) -> [T, W]      HF Llama's: weight * to_dtype(x * rsqrt(mean(x^2) + eps))
+    silu_mul(gate_up [T, 2I]) -> [T, I]                silu(gate) * up, gate the first half of each row
+    rope_(x [T, >= heads * D], positions [T] int64, cos, sin [max_position, D / 2], heads)
+                                                       in place: HF's rotate-half RoPE on the first `heads` heads
+
+The `_ref` functions are the torch references (every device); the others run the compiled CPU kernels
+(kernels/csrc/pointwise.cpp) on CPU float32/bfloat16 tensors, one pass over the rows each, and fall
+back to the references elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.kernels import cpu_library
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos, sin [T, 1, D/2] -> the rotated copy (the rotate-half convention of HF Llama)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_ref_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    dim = cos.shape[-1] * 2
+    rotated = x[:, :heads * dim].view(x.shape[0], heads, dim)
+    rotated.copy_(rotate(rotated, cos[positions][:, None], sin[positions][:, None]))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not _compiled(x, weight) or x.dim() != 2 or x.stride(-1) != 1:
+        return rms_norm_ref(x, weight, eps)
+    rows, width = x.shape
+    out = torch.empty(rows, width, dtype=x.dtype)
+    cpu_library.library().kv_rms_norm(cpu_library.dtype_code(x), x.data_ptr(), x.stride(0), weight.data_ptr(),
+                                      out.data_ptr(), rows, width, eps)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if not _compiled(gate_up) or gate_up.dim() != 2 or not gate_up.is_contiguous():
+        return silu_mul_ref(gate_up)
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, width, dtype=gate_up.dtype)
+    cpu_library.library().kv_silu_mul(cpu_library.dtype_code(gate_up), gate_up.data_ptr(), out.data_ptr(), rows, width)
+    return out
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    if not _compiled(x, cos, sin) or x.dim() != 2 or x.stride(-1) != 1 or not (cos.is_contiguous()
+                                                                                  and sin.is_contiguous()):
+        rope_ref_(x, positions, cos, sin, heads)
+        return
+    positions = positions.to(torch.int64).contiguous()
+    cpu_library.library().kv_rope(cpu_library.dtype_code(x), x.data_ptr(), x.stride(0), positions.data_ptr(),
+                                  cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, cos.shape[-1] * 2)
+
+
+def _compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels take these tensors: all on the CPU in one supported dtype."""
+    return cpu_library.supports(*tensors) and len({t.dtype for t in tensors}) == 1

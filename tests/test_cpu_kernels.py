@@ -1,0 +1,94 @@
+"""The compiled CPU kernels (kernels/csrc) against their torch references.
+
+Random inputs at awkward sizes, float32 and bfloat16; for paged decode, pools whose every slot no
+page list holds is NaN (a read outside a head's list shows) and output buffers that start as NaN (an
+element never written shows), as for the Triton kernels in test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve.attention.backend import create_backend
+from kvserve.kernels import cpu_library, pointwise
+from kvserve.kernels import paged_decode as decode
+from tests.test_kernels import SCALE, assert_close, layer_view, nan_allocations  # noqa: F401 (an autouse fixture)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def test_the_library_builds_here() -> None:
+    # CI machines have g++: the compiled path must be what the engine runs there, not the fallback
+    assert cpu_library.available()
+    pages = torch.zeros(2, 16, 64)
+    assert create_backend("auto", pages, pages, SCALE).name == "cpu"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("lens", "group", "dim"), [
+    pytest.param([[1, 1], [1, 1]], 1, 64, id="length-1"),
+    pytest.param([[17, 33], [5, 48], [16, 1]], 3, 64, id="ragged-heads-gqa3"),
+    pytest.param([[31, 64, 2]], 4, 128, id="gqa4-head-dim-128"),
+    pytest.param([[1, 2], [300, 257], [40, 3]], 4, 64, id="very-different-lengths"),
+    pytest.param([[9, 40], [23, 7]], 2, 80, id="head-dim-80"),  # not a multiple of the 16 summing lanes
+])
+def test_paged_decode_cpu_matches_reference(dtype: torch.dtype, lens: list[list[int]], group: int, dim: int) -> None:
+    cache, tables, lens_view = layer_view(lens, dim, dtype)
+    batch, kv_heads = lens_view.shape
+    q = torch.randn(batch, kv_heads * group, dim).to(dtype)
+    out, lse, (sums, maxes) = decode.paged_decode_ref(q, cache.k_pages, cache.v_pages, tables, lens_view, SCALE,
+                                                      want_scores=True)
+    # the strided layer views of the engine's [B, L, Hkv, P] tables, as the backend passes them
+    assert batch == 1 or not tables.is_contiguous()
+    got_out, got_lse, (got_sums, got_maxes) = decode.paged_decode_cpu(
+        q, cache.k_poisoned, cache.v_poisoned, tables, lens_view, SCALE, want_scores=True)
+    assert got_out.dtype == dtype and got_lse.dtype == torch.float32
+    assert_close(got_out, out, dtype)
+    assert_close(got_lse, lse, dtype)
+    assert_close(got_sums, sums, dtype)
+    assert_close(got_maxes, maxes, dtype)
+    assert decode.paged_decode_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens_view, SCALE)[2] is None
+
+
+def test_paged_decode_cpu_reads_queries_through_their_row_stride() -> None:
+    # the model hands over q as a slice of the fused qkv projection
+    cache, tables, lens = layer_view([[20, 3], [50, 64]], 64, torch.float32)
+    qkv = torch.randn(2, 6 + 2 * 2, 64)
+    q = qkv[:, :6]
+    out, lse, _ = decode.paged_decode_ref(q, cache.k_pages, cache.v_pages, tables, lens, SCALE)
+    got_out, got_lse, _ = decode.paged_decode_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens, SCALE)
+    assert_close(got_out, out)
+    assert_close(got_lse, lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "width"), [(1, 576), (3, 17), (700, 100)])  # 700 x 100 runs on both threads
+def test_rms_norm_matches_reference(dtype: torch.dtype, rows: int, width: int) -> None:
+    wide = (torch.randn(rows, width + 5) * 3).to(dtype)
+    x = wide[:, 2:width + 2]  # a strided row view
+    weight = torch.randn(width).to(dtype)
+    assert_close(pointwise.rms_norm(x, weight, 1e-5), pointwise.rms_norm_ref(x, weight, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "width"), [(1, 1536), (5, 33), (300, 200)])
+def test_silu_mul_matches_reference(dtype: torch.dtype, rows: int, width: int) -> None:
+    gate_up = (torch.randn(rows, 2 * width) * 4).to(dtype)
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # far tails of silu
+    assert_close(pointwise.silu_mul(gate_up), pointwise.silu_mul_ref(gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "heads", "dim"), [(1, 12, 64), (7, 5, 128), (200, 3, 32)])
+def test_rope_matches_reference(dtype: torch.dtype, rows: int, heads: int, dim: int) -> None:
+    extra = 2 * dim  # trailing heads (the values) that must stay untouched
+    x = torch.randn(rows, heads * dim + extra).to(dtype)
+    positions = torch.randint(0, 4000, (rows,))
+    angles = torch.outer(torch.arange(4096.0), torch.rand(dim // 2))
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected, got = x.clone(), x.clone()
+    pointwise.rope_ref_(expected, positions, cos, sin, heads)
+    pointwise.rope_(got, positions, cos, sin, heads)
+    assert_close(got, expected, dtype)
+    assert torch.equal(got[:, heads * dim:], x[:, heads * dim:])
