@@ -44,34 +44,40 @@ def rope_ref_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if not _compiled(x, weight) or x.dim() != 2 or x.stride(-1) != 1:
+    code = _compiled_dtype(x, weight)
+    if code is None or x.dim() != 2 or x.stride(-1) != 1:
         return rms_norm_ref(x, weight, eps)
     rows, width = x.shape
     out = torch.empty(rows, width, dtype=x.dtype)
-    cpu_library.library().kv_rms_norm(cpu_library.dtype_code(x), x.data_ptr(), x.stride(0), weight.data_ptr(),
-                                      out.data_ptr(), rows, width, eps)
+    cpu_library.library().kv_rms_norm(code, x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows,
+                                      width, eps)
     return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if not _compiled(gate_up) or gate_up.dim() != 2 or not gate_up.is_contiguous():
+    code = _compiled_dtype(gate_up, gate_up)
+    if code is None or gate_up.dim() != 2 or not gate_up.is_contiguous():
         return silu_mul_ref(gate_up)
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype)
-    cpu_library.library().kv_silu_mul(cpu_library.dtype_code(gate_up), gate_up.data_ptr(), out.data_ptr(), rows, width)
+    cpu_library.library().kv_silu_mul(code, gate_up.data_ptr(), out.data_ptr(), rows, width)
     return out
 
 
 def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
-    if not _compiled(x, cos, sin) or x.dim() != 2 or x.stride(-1) != 1 or not (cos.is_contiguous()
-                                                                                  and sin.is_contiguous()):
+    code = _compiled_dtype(x, cos)
+    if code is None or sin.dtype != x.dtype or x.dim() != 2 or x.stride(-1) != 1 or not (
+            cos.is_contiguous() and sin.is_contiguous()):
         rope_ref_(x, positions, cos, sin, heads)
         return
     positions = positions.to(torch.int64).contiguous()
-    cpu_library.library().kv_rope(cpu_library.dtype_code(x), x.data_ptr(), x.stride(0), positions.data_ptr(),
-                                  cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, cos.shape[-1] * 2)
+    cpu_library.library().kv_rope(code, x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(),
+                                  sin.data_ptr(), x.shape[0], heads, cos.shape[-1] * 2)
 
 
-def _compiled(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled kernels take these tensors: all on the CPU in one supported dtype."""
-    return cpu_library.supports(*tensors) and len({t.dtype for t in tensors}) == 1
+def _compiled_dtype(x: torch.Tensor, other: torch.Tensor) -> int | None:
+    """The compiled kernels' dtype code for x and a second operand of the same dtype, or None where
+    they cannot run (a GPU tensor, another dtype, no compiler). Called per layer: kept cheap."""
+    if x.device.type != "cpu" or other.dtype is not x.dtype or not cpu_library.available():
+        return None
+    return cpu_library.DTYPE_CODES.get(x.dtype)
