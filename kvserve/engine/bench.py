@@ -21,12 +21,13 @@ def random_prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[l
     return torch.randint(100, vocab, (count, length), generator=gen).tolist()
 
 
-def flops_per_token(cfg: ModelConfig, context: int) -> float:
-    """Matmul FLOPs of one token: every projection, the LM head, and attention over `context`."""
+def flops_per_token(cfg: ModelConfig, context: int, lm_head: bool = True) -> float:
+    """Matmul FLOPs of one token: every projection, attention over `context`, and the LM head (which
+    a prompt token that samples nothing skips)."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size
     attention = 2 * cfg.num_heads * cfg.head_dim * context
-    return 2 * (cfg.num_layers * (per_layer + attention) + d * cfg.vocab_size)
+    return 2 * (cfg.num_layers * (per_layer + attention) + (d * cfg.vocab_size if lm_head else 0))
 
 
 def matmul_rate(cfg: ModelConfig, rows: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -93,12 +94,16 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     ours_tps = ours_throughput(engine, prompts, args.output_len)
     ours_step = ours_decode_latency(engine, prompts[0], min(args.output_len, 64))
 
-    mid_context = args.input_len + args.output_len // 2
+    # the workload's matmul FLOPs: prompts (at half their length on average) and generated tokens
+    prefill_flops = args.num_requests * args.input_len * flops_per_token(cfg, args.input_len // 2, lm_head=False)
+    decode_flops = args.num_requests * args.output_len * flops_per_token(cfg, args.input_len + args.output_len // 2)
+    rate_prefill = matmul_rate(cfg, config.max_num_batched_tokens, dtype)
     rate_batch = matmul_rate(cfg, args.num_requests, dtype)
     rate_one = matmul_rate(cfg, 1, dtype)
     bandwidth = copy_bandwidth()
     weight_bytes = engine.runner.model.weight_bytes_per_step
-    fpt = flops_per_token(cfg, mid_context)
+    floor_s = prefill_flops / rate_prefill + decode_flops / rate_batch
+    best_tps = args.num_requests * args.output_len / floor_s
 
     rows = [("kvserve output tokens/s", ours_tps, None)]
     if not args.skip_hf:
@@ -123,10 +128,15 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
         print(f"{'transformers':<55}{hf_step * 1e3:>10.1f}{ours_step / hf_step:>11.2f}x")
 
     print("\nceilings measured in this run")
-    print(f"  matmul at {args.num_requests} rows (model shapes): {rate_batch / 1e9:.1f} GFLOP/s; "
-          f"at 1 row: {rate_one / 1e9:.1f} GFLOP/s; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"  throughput: {fpt / 1e6:.0f} MFLOP/token x {ours_tps:.1f} tok/s = {fpt * ours_tps / 1e9:.1f} GFLOP/s, "
-          f"{fpt * ours_tps / rate_batch:.0%} of the matmul rate (prefill time included)")
+    print(f"  matmul rate of the model's shapes: {rate_prefill / 1e9:.0f} GFLOP/s at {config.max_num_batched_tokens} "
+          f"rows (a prefill step), {rate_batch / 1e9:.0f} at {args.num_requests}, {rate_one / 1e9:.1f} at 1; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"  throughput: {prefill_flops / 1e12:.2f} TFLOP of prompts + {decode_flops / 1e12:.2f} of generation "
+          f"need {floor_s:.1f} s at those rates, a ceiling of {best_tps:.0f} output tok/s; kvserve reaches "
+          f"{ours_tps / best_tps:.0%} of it")
+    if not args.skip_hf:
+        print(f"  issue targets: 10x transformers one at a time = {10 * hf_one_tps:.0f} tok/s, 3x its padded batch = "
+              f"{3 * hf_batch_tps:.0f} tok/s, beside that {best_tps:.0f} tok/s ceiling")
     print(f"  batch-1 decode: {weight_bytes / 2**20:.0f} MiB of weights per step / {ours_step * 1e3:.1f} ms = "
           f"{weight_bytes / ours_step / 1e9:.1f} GB/s, {weight_bytes / ours_step / bandwidth:.0%} of copy bandwidth")
     return 0
