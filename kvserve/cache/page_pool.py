@@ -17,11 +17,32 @@ float32 head_dim-64 slot) and needs no per-sequence buffers sized for the longes
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
+
+_MADV_HUGEPAGE = 14
 
 
 class OutOfPages(RuntimeError):
     pass
+
+
+def host_zeros_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, in 2 MiB pages where the host is Linux with transparent huge pages on `madvise`.
+
+    Attention reads a head's pages wherever they lie in a pool of gigabytes: with 4 KiB OS pages
+    nearly every KV page costs a TLB miss, which made CPU decode attention ~1.4x slower in a 2 GB
+    pool than in a small one. The advice must come before the memory is first touched."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cpu" and sys.platform == "linux":
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        start = tensor.data_ptr() & ~4095
+        length = tensor.data_ptr() + tensor.numel() * tensor.element_size() - start
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # advice: failure is fine
+    return tensor.zero_()
 
 
 class PagePool:
@@ -33,7 +54,7 @@ class PagePool:
         self.block_size = block_size
         self.head_dim = head_dim
         self.dtype = dtype
-        self.storage = torch.zeros(2, num_pages, block_size, head_dim, dtype=dtype, device=device)
+        self.storage = host_zeros_huge((2, num_pages, block_size, head_dim), dtype, torch.device(device))
         self.k_pages, self.v_pages = self.storage[0], self.storage[1]
         self.slot_positions = torch.zeros(num_pages * block_size, dtype=torch.int32, device=device)
         self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32, device=device)
