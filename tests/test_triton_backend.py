@@ -43,6 +43,10 @@ def test_compressed_tiers_attend_alike_through_the_triton_kernels():
             {"name": "think", "channel_ratio": 0.5, "window": 4})]
         assert engine.runner.tiers.tiers, "no tokens were compressed"
     for torch_lp, triton_lp in zip(logprobs["torch"], logprobs["triton"]):
-        # 30 layers of float32 sums in another order: a few thousandths of a nat at most
-        assert (torch_lp - triton_lp).abs().max() < 1e-2
+        # 30 layers of float32 sums in another order differ by ~1e-6 (ThinK: ~5e-5 nat); where such a
+        # difference straddles a 4-bit rounding boundary, a KIVI code moves by a whole step, which can
+        # move single logprobs by ~1e-2 while the distribution as a whole stays put
+        difference = (torch_lp - triton_lp).abs()
+        assert difference.mean() < 2e-3
+        assert difference.max() < 3e-2
         assert torch.equal(torch_lp.argmax(-1), triton_lp.argmax(-1))
