@@ -55,17 +55,23 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
             const T* q_group = q + b * q_stride_b + h * group * dim;
             for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) query[i] = to_f32(q_group[i]) * scale;
 
-            for (int64_t page = 0; page < used_pages; ++page) {
-                const int64_t start = page * block_size;
-                const int64_t in_page = std::min<int64_t>(len - start, block_size);
-                const float* keys = load_row(k_pages + table[page] * page_elements, page_rows.data(),
-                                             in_page * dim);
+            // visit(start, in_page, rows): each page of the head's list in order, its first in_page
+            // slots (from slot `start` of the sequence) as float32 rows
+            auto each_page = [&](const T* pool, auto&& visit) {
+                for (int64_t page = 0; page < used_pages; ++page) {
+                    const int64_t start = page * block_size;
+                    const int64_t in_page = std::min<int64_t>(len - start, block_size);
+                    const T* rows = pool + table[page] * page_elements;
+                    visit(start, in_page, load_row(rows, page_rows.data(), in_page * dim));
+                }
+            };
+            each_page(k_pages, [&](int64_t start, int64_t in_page, const float* keys) {
                 for (int g = 0; g < group; ++g) {
                     const float* __restrict qg = query.data() + g * dim;
                     float* __restrict logits = probs.data() + g * slots + start;
                     for (int64_t j = 0; j < in_page; ++j) logits[j] = dot(qg, keys + j * dim, dim);
                 }
-            }
+            });
             for (int g = 0; g < group; ++g) {
                 float* p = probs.data() + g * slots;
                 float top = -INFINITY;
@@ -84,11 +90,7 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
             }
 
             std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int64_t page = 0; page < used_pages; ++page) {
-                const int64_t start = page * block_size;
-                const int64_t in_page = std::min<int64_t>(len - start, block_size);
-                const float* values = load_row(v_pages + table[page] * page_elements, page_rows.data(),
-                                               in_page * dim);
+            each_page(v_pages, [&](int64_t start, int64_t in_page, const float* values) {
                 for (int g = 0; g < group; ++g) {
                     const float* __restrict weights = probs.data() + g * slots + start;
                     float* __restrict a = acc.data() + g * dim;
@@ -98,7 +100,7 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                         for (int d = 0; d < dim; ++d) a[d] += weights[j] * value[d];
                     }
                 }
-            }
+            });
             T* out_group = out + (b * q_heads + h * group) * dim;
             for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) out_group[i] = from_f32<T>(acc[i]);
 
