@@ -2,7 +2,8 @@
 compiler, cached under `KVSERVE_CACHE_DIR`, and called through ctypes.
 
 The library is plain C++ with OpenMP and no torch headers, so it builds in a few seconds; it shares
-torch's OpenMP runtime (libgomp), so its threads are torch's threads. Where no compiler is found the
+torch's OpenMP runtime (libgomp), and every call runs on torch's thread count (`threads()`), whichever
+thread makes it. Where no compiler is found the
 CPU path runs the torch references instead (`available()` says which), and
 `KVSERVE_CPU_KERNELS=0` asks for the references on purpose.
 """
@@ -35,10 +36,10 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _i32, _i64, _f32, _ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "kv_paged_decode": [_i32, _ptr, _i64, _ptr, _ptr, _i32, _ptr, _i64, _i64, _i32, _ptr, _i64, _i64, _i32, _i32,
-                        _i32, _i32, _f32, _ptr, _ptr, _ptr, _ptr],
-    "kv_rms_norm": [_i32, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32],
-    "kv_silu_mul": [_i32, _ptr, _ptr, _i64, _i64],
-    "kv_rope": [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32],
+                        _i32, _i32, _f32, _ptr, _ptr, _ptr, _ptr, _i32],
+    "kv_rms_norm": [_i32, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, _i32],
+    "kv_silu_mul": [_i32, _ptr, _ptr, _i64, _i64, _i32],
+    "kv_rope": [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
 }
 
 
@@ -104,6 +105,12 @@ def available() -> bool:
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the compiled kernels can take these tensors: on the CPU, float32 or bfloat16."""
     return all(t.device.type == "cpu" and t.dtype in DTYPE_CODES for t in tensors) and available()
+
+
+def threads() -> int:
+    """The thread count the kernels run with: torch's (a per-thread OpenMP setting would not reach
+    the engine's thread)."""
+    return torch.get_num_threads()
 
 
 def dtype_code(tensor: torch.Tensor) -> int:

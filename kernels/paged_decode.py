@@ -83,7 +83,7 @@ def paged_decode_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
             cpu_library.dtype_code(q), q.data_ptr(), q.stride(0), k_pages.data_ptr(), v_pages.data_ptr(), block_size,
             tables.data_ptr(), tables.stride(0), tables.stride(1), pages, lens.data_ptr(), lens.stride(0),
             lens.stride(1), batch, q_heads, kv_heads, dim, scale, out.data_ptr(), lse.data_ptr(),
-            scores[0].data_ptr() if scores else None, scores[1].data_ptr() if scores else None)
+            scores[0].data_ptr() if scores else None, scores[1].data_ptr() if scores else None, cpu_library.threads())
     return out, lse, scores
 
 

@@ -50,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows, width = x.shape
     out = torch.empty(rows, width, dtype=x.dtype)
     cpu_library.library().kv_rms_norm(code, x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows,
-                                      width, eps)
+                                      width, eps, cpu_library.threads())
     return out
 
 
@@ -60,7 +60,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return silu_mul_ref(gate_up)
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype)
-    cpu_library.library().kv_silu_mul(code, gate_up.data_ptr(), out.data_ptr(), rows, width)
+    cpu_library.library().kv_silu_mul(code, gate_up.data_ptr(), out.data_ptr(), rows, width,
+                                      cpu_library.threads())
     return out
 
 
@@ -72,7 +73,7 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torc
         return
     positions = positions.to(torch.int64).contiguous()
     cpu_library.library().kv_rope(code, x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(),
-                                  sin.data_ptr(), x.shape[0], heads, cos.shape[-1] * 2)
+                                  sin.data_ptr(), x.shape[0], heads, cos.shape[-1] * 2, cpu_library.threads())
 
 
 def _compiled_dtype(x: torch.Tensor, other: torch.Tensor) -> int | None:

@@ -92,3 +92,18 @@ def test_rope_matches_reference(dtype: torch.dtype, rows: int, heads: int, dim: 
     pointwise.rope_(got, positions, cos, sin, heads)
     assert_close(got, expected, dtype)
     assert torch.equal(got[:, heads * dim:], x[:, heads * dim:])
+
+
+def test_paged_decode_cpu_does_not_depend_on_the_thread_count() -> None:
+    # one task per (sequence, KV head): how tasks are spread over threads cannot change a bit
+    cache, tables, lens = layer_view([[40, 7], [100, 64], [3, 30]], 64, torch.float32)
+    q = torch.randn(3, 6, 64)
+    many = decode.paged_decode_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens, SCALE, want_scores=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = decode.paged_decode_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens, SCALE, want_scores=True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip([many[0], many[1], *many[2]], [one[0], one[1], *one[2]]):
+        assert torch.equal(a, b)

@@ -35,12 +35,12 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                          const int32_t* tables, int64_t tables_stride_b, int64_t tables_stride_h, int pages,
                          const int32_t* lens, int64_t lens_stride_b, int64_t lens_stride_h, int batch,
                          int q_heads, int kv_heads, int runtime_dim, float scale, T* out, float* lse,
-                         float* score_sum, float* score_max) {
+                         float* score_sum, float* score_max, int threads) {
     const int dim = DIM > 0 ? DIM : runtime_dim;
     const int group = q_heads / kv_heads;
     const int64_t slots = static_cast<int64_t>(pages) * block_size;
     const int64_t page_elements = static_cast<int64_t>(block_size) * dim;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         // probs[g * slots + s]: first the logits, then the probabilities, of query head g for slot s
         std::vector<float> probs(static_cast<size_t>(group) * slots);
@@ -129,11 +129,11 @@ static void dispatch_dim(const void* q, int64_t q_stride_b, const void* k_pages,
                          int block_size, const int32_t* tables, int64_t tables_stride_b, int64_t tables_stride_h,
                          int pages, const int32_t* lens, int64_t lens_stride_b, int64_t lens_stride_h, int batch,
                          int q_heads, int kv_heads, int dim, float scale, void* out, float* lse, float* score_sum,
-                         float* score_max) {
+                         float* score_max, int threads) {
     auto run = [&](auto kernel) {
         kernel(static_cast<const T*>(q), q_stride_b, static_cast<const T*>(k_pages), static_cast<const T*>(v_pages),
                block_size, tables, tables_stride_b, tables_stride_h, pages, lens, lens_stride_b, lens_stride_h,
-               batch, q_heads, kv_heads, dim, scale, static_cast<T*>(out), lse, score_sum, score_max);
+               batch, q_heads, kv_heads, dim, scale, static_cast<T*>(out), lse, score_sum, score_max, threads);
     };
     if (dim == 64) run(paged_decode<T, 64>);
     else if (dim == 128) run(paged_decode<T, 128>);
@@ -146,8 +146,9 @@ extern "C" void kv_paged_decode(int dtype, const void* q, int64_t q_stride_b, co
                                 const void* v_pages, int block_size, const int32_t* tables, int64_t tables_stride_b,
                                 int64_t tables_stride_h, int pages, const int32_t* lens, int64_t lens_stride_b,
                                 int64_t lens_stride_h, int batch, int q_heads, int kv_heads, int dim, float scale,
-                                void* out, float* lse, float* score_sum, float* score_max) {
+                                void* out, float* lse, float* score_sum, float* score_max, int threads) {
     auto decode = dtype == kv::kFloat32 ? kv::dispatch_dim<float> : kv::dispatch_dim<kv::bf16>;
     decode(q, q_stride_b, k_pages, v_pages, block_size, tables, tables_stride_b, tables_stride_h, pages, lens,
-           lens_stride_b, lens_stride_h, batch, q_heads, kv_heads, dim, scale, out, lse, score_sum, score_max);
+           lens_stride_b, lens_stride_h, batch, q_heads, kv_heads, dim, scale, out, lse, score_sum, score_max,
+           threads);
 }

@@ -11,8 +11,9 @@ static constexpr int64_t kParallelElements = 1 << 15;
 
 // out = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), row by row (HF Llama's RMSNorm)
 template <typename T>
-static void rms_norm(const T* x, int64_t x_stride, const T* weight, T* out, int64_t rows, int64_t width, float eps) {
-#pragma omp parallel for if (rows * width >= kParallelElements)
+static void rms_norm(const T* x, int64_t x_stride, const T* weight, T* out, int64_t rows, int64_t width, float eps,
+                     int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * width >= kParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const T* in = x + r * x_stride;
         T* o = out + r * width;
@@ -28,8 +29,8 @@ static void rms_norm(const T* x, int64_t x_stride, const T* weight, T* out, int6
 
 // gate_up [rows, 2 * width] -> out [rows, width] = silu(gate) * up, silu rounded to T first as torch does
 template <typename T>
-static void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width) {
-#pragma omp parallel for if (rows * width >= kParallelElements)
+static void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * width >= kParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const T* gate = gate_up + r * 2 * width;
         const T* up = gate + width;
@@ -47,9 +48,9 @@ static void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width) {
 // the rotate-half RoPE of HF Llama at positions[r], with cos, sin [max_position, dim / 2]
 template <typename T>
 static void rope(T* x, int64_t x_stride, const int64_t* positions, const T* cos, const T* sin, int64_t rows,
-                 int heads, int dim) {
+                 int heads, int dim, int threads) {
     const int half = dim / 2;
-#pragma omp parallel for if (rows * heads * dim >= kParallelElements)
+#pragma omp parallel for num_threads(threads) if (rows * heads * dim >= kParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const T* c = cos + positions[r] * half;
         const T* s = sin + positions[r] * half;
@@ -69,28 +70,28 @@ static void rope(T* x, int64_t x_stride, const int64_t* positions, const T* cos,
 }  // namespace kv
 
 extern "C" void kv_rms_norm(int dtype, const void* x, int64_t x_stride, const void* weight, void* out, int64_t rows,
-                            int64_t width, float eps) {
+                            int64_t width, float eps, int threads) {
     if (dtype == kv::kFloat32)
         kv::rms_norm(static_cast<const float*>(x), x_stride, static_cast<const float*>(weight),
-                     static_cast<float*>(out), rows, width, eps);
+                     static_cast<float*>(out), rows, width, eps, threads);
     else
         kv::rms_norm(static_cast<const kv::bf16*>(x), x_stride, static_cast<const kv::bf16*>(weight),
-                     static_cast<kv::bf16*>(out), rows, width, eps);
+                     static_cast<kv::bf16*>(out), rows, width, eps, threads);
 }
 
-extern "C" void kv_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t width) {
+extern "C" void kv_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t width, int threads) {
     if (dtype == kv::kFloat32)
-        kv::silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, width);
+        kv::silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, width, threads);
     else
-        kv::silu_mul(static_cast<const kv::bf16*>(gate_up), static_cast<kv::bf16*>(out), rows, width);
+        kv::silu_mul(static_cast<const kv::bf16*>(gate_up), static_cast<kv::bf16*>(out), rows, width, threads);
 }
 
 extern "C" void kv_rope(int dtype, void* x, int64_t x_stride, const int64_t* positions, const void* cos,
-                        const void* sin, int64_t rows, int heads, int dim) {
+                        const void* sin, int64_t rows, int heads, int dim, int threads) {
     if (dtype == kv::kFloat32)
         kv::rope(static_cast<float*>(x), x_stride, positions, static_cast<const float*>(cos),
-                 static_cast<const float*>(sin), rows, heads, dim);
+                 static_cast<const float*>(sin), rows, heads, dim, threads);
     else
         kv::rope(static_cast<kv::bf16*>(x), x_stride, positions, static_cast<const kv::bf16*>(cos),
-                 static_cast<const kv::bf16*>(sin), rows, heads, dim);
+                 static_cast<const kv::bf16*>(sin), rows, heads, dim, threads);
 }
