@@ -3,9 +3,8 @@ compiler, cached under `KVSERVE_CACHE_DIR`, and called through ctypes.
 
 The library is plain C++ with OpenMP and no torch headers, so it builds in a few seconds; it shares
 torch's OpenMP runtime (libgomp), and every call runs on torch's thread count (`threads()`), whichever
-thread makes it. Where no compiler is found the
-CPU path runs the torch references instead (`available()` says which), and
-`KVSERVE_CPU_KERNELS=0` asks for the references on purpose.
+thread makes it. Where no compiler is found the CPU path runs the torch references instead
+(`available()` says which), and `KVSERVE_CPU_KERNELS=0` asks for the references on purpose.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ SIGNATURES = {
                         _i32, _i32, _f32, _ptr, _ptr, _ptr, _ptr, _i32],
     "kv_rms_norm": [_i32, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, _i32],
     "kv_silu_mul": [_i32, _ptr, _ptr, _i64, _i64, _i32],
-    "kv_rope": [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
+    "kv_rope": [_i32, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i32],
 }
 
 
@@ -102,16 +101,16 @@ def available() -> bool:
     return library() is not None
 
 
-def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled kernels can take these tensors: on the CPU, float32 or bfloat16."""
-    return all(t.device.type == "cpu" and t.dtype in DTYPE_CODES for t in tensors) and available()
+def dtype_code(*tensors: torch.Tensor) -> int | None:
+    """The kernels' code for the dtype these tensors share, or None where the compiled kernels cannot
+    take them (not all on the CPU in float32 or bfloat16, or no library). Called per layer: kept cheap."""
+    first = tensors[0]
+    if first.device.type != "cpu" or any(t.dtype is not first.dtype for t in tensors[1:]) or not available():
+        return None
+    return DTYPE_CODES.get(first.dtype)
 
 
 def threads() -> int:
     """The thread count the kernels run with: torch's (a per-thread OpenMP setting would not reach
     the engine's thread)."""
     return torch.get_num_threads()
-
-
-def dtype_code(tensor: torch.Tensor) -> int:
-    return DTYPE_CODES[tensor.dtype]

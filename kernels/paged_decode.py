@@ -79,8 +79,9 @@ def paged_decode_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     if want_scores:
         scores = tuple(torch.empty(batch, kv_heads, pages * block_size, dtype=torch.float32) for _ in range(2))
     if batch:
+        code = cpu_library.dtype_code(q, k_pages, v_pages)
         cpu_library.library().kv_paged_decode(
-            cpu_library.dtype_code(q), q.data_ptr(), q.stride(0), k_pages.data_ptr(), v_pages.data_ptr(), block_size,
+            code, q.data_ptr(), q.stride(0), k_pages.data_ptr(), v_pages.data_ptr(), block_size,
             tables.data_ptr(), tables.stride(0), tables.stride(1), pages, lens.data_ptr(), lens.stride(0),
             lens.stride(1), batch, q_heads, kv_heads, dim, scale, out.data_ptr(), lse.data_ptr(),
             scores[0].data_ptr() if scores else None, scores[1].data_ptr() if scores else None, cpu_library.threads())

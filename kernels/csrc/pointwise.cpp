@@ -45,15 +45,15 @@ static void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, int 
 }
 
 // In place, the first `heads` heads of each row of x [rows, >= heads * dim] (row stride x_stride):
-// the rotate-half RoPE of HF Llama at positions[r], with cos, sin [max_position, dim / 2]
+// the rotate-half RoPE of HF Llama, with row r's angles in cos, sin [rows, dim / 2]
 template <typename T>
-static void rope(T* x, int64_t x_stride, const int64_t* positions, const T* cos, const T* sin, int64_t rows,
+static void rope(T* x, int64_t x_stride, const T* cos, const T* sin, int64_t rows,
                  int heads, int dim, int threads) {
     const int half = dim / 2;
 #pragma omp parallel for num_threads(threads) if (rows * heads * dim >= kParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
-        const T* c = cos + positions[r] * half;
-        const T* s = sin + positions[r] * half;
+        const T* c = cos + r * half;
+        const T* s = sin + r * half;
         for (int h = 0; h < heads; ++h) {
             T* x1 = x + r * x_stride + h * dim;
             T* x2 = x1 + half;
@@ -86,12 +86,11 @@ extern "C" void kv_silu_mul(int dtype, const void* gate_up, void* out, int64_t r
         kv::silu_mul(static_cast<const kv::bf16*>(gate_up), static_cast<kv::bf16*>(out), rows, width, threads);
 }
 
-extern "C" void kv_rope(int dtype, void* x, int64_t x_stride, const int64_t* positions, const void* cos,
-                        const void* sin, int64_t rows, int heads, int dim, int threads) {
+extern "C" void kv_rope(int dtype, void* x, int64_t x_stride, const void* cos, const void* sin, int64_t rows, int heads, int dim, int threads) {
     if (dtype == kv::kFloat32)
-        kv::rope(static_cast<float*>(x), x_stride, positions, static_cast<const float*>(cos),
+        kv::rope(static_cast<float*>(x), x_stride, static_cast<const float*>(cos),
                  static_cast<const float*>(sin), rows, heads, dim, threads);
     else
-        kv::rope(static_cast<kv::bf16*>(x), x_stride, positions, static_cast<const kv::bf16*>(cos),
+        kv::rope(static_cast<kv::bf16*>(x), x_stride, static_cast<const kv::bf16*>(cos),
                  static_cast<const kv::bf16*>(sin), rows, heads, dim, threads);
 }

@@ -152,7 +152,7 @@ def create_backend(name: str, k_pages: torch.Tensor, v_pages: torch.Tensor, scal
         else:
             from kvserve.kernels import cpu_library
 
-            name = "cpu" if cpu_library.supports(k_pages) else "torch"
+            name = "cpu" if cpu_library.dtype_code(k_pages) is not None else "torch"
     if name == "torch":
         from kvserve.attention.torch_backend import TorchBackend
 
@@ -161,7 +161,7 @@ def create_backend(name: str, k_pages: torch.Tensor, v_pages: torch.Tensor, scal
         from kvserve.attention.cpu_backend import CPUBackend
         from kvserve.kernels import cpu_library
 
-        if not cpu_library.supports(k_pages):
+        if cpu_library.dtype_code(k_pages) is None:
             raise ValueError("the cpu attention backend needs a C++ compiler and a float32 or bfloat16 CPU cache")
         return CPUBackend(k_pages, v_pages, scale)
     if name == "triton":

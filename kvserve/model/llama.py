@@ -40,7 +40,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Projection:
-    """x @ W^T for an HF [out, in] weight (plus an optional bias, and a residual on request).
+    """x @ W^T for an HF [out, in] weight, plus its bias (if any) or else a residual on request.
 
     The weight is kept in the layout the fastest CPU kernel for its dtype reads: float32 as the
     transposed [in, out] copy, which MKL streams at memory bandwidth for one row and multiplies ~1.3x
@@ -54,16 +54,16 @@ class Projection:
         self.bias = bias
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass (addmm)."""
-        add = residual if residual is not None else self.bias
+        """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass (addmm).
+        Only q/k/v have biases (Qwen2), and no residual joins them."""
+        assert residual is None or self.bias is None, "a projection with a bias takes no residual"
+        add = self.bias if residual is None else residual
         if not self.transposed and x.shape[0] == 1 and x.device.type == "cpu":
             # one row (batch-1 decode): the matrix-vector kernel reads a bfloat16 weight ~1.35x faster
             out = torch.mv(self.weight, x[0]) if add is None else torch.addmv(add.reshape(-1), self.weight, x[0])
-            out = out[None]
-        else:
-            weight = self.weight if self.transposed else self.weight.t()
-            out = x @ weight if add is None else torch.addmm(add, x, weight)
-        return out if residual is None or self.bias is None else out.add_(self.bias)
+            return out[None]
+        weight = self.weight if self.transposed else self.weight.t()
+        return x @ weight if add is None else torch.addmm(add, x, weight)
 
     @property
     def nbytes(self) -> int:
@@ -120,11 +120,13 @@ class LlamaModel:
         cfg = self.config
         tokens = input_ids.numel()
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # each token's rotary angles, gathered once for all layers
+        cos, sin = self.cos[positions], self.sin[positions]
         x = self.embed[input_ids]
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = layer.qkv(h)
-            rope_(qkv, positions, self.cos, self.sin, cfg.num_heads + cfg.num_kv_heads)
+            rope_(qkv, cos, sin, cfg.num_heads + cfg.num_kv_heads)
             q = qkv[:, :q_width].view(tokens, cfg.num_heads, cfg.head_dim)
             k = qkv[:, q_width:q_width + kv_width].view(tokens, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, q_width + kv_width:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
