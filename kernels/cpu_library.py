@@ -39,6 +39,9 @@ SIGNATURES = {
     "kv_rms_norm": [_i32, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, _i32],
     "kv_silu_mul": [_i32, _ptr, _ptr, _i64, _i64, _i32],
     "kv_rope": [_i32, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i32],
+    "kv_amx_available": [],
+    "kv_amx_pack": [_ptr, _i64, _i64, _ptr, _i32],
+    "kv_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, _i32],
 }
 
 
@@ -93,7 +96,7 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int if name == "kv_amx_available" else None
     return lib
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvserve.attention.backend import create_backend
-from kvserve.kernels import cpu_library, pointwise
+from kvserve.kernels import amx_linear, cpu_library, pointwise
 from kvserve.kernels import paged_decode as decode
 from tests.test_kernels import SCALE, assert_close, layer_view, nan_allocations  # noqa: F401 (an autouse fixture)
 
@@ -107,3 +107,46 @@ def test_paged_decode_cpu_does_not_depend_on_the_thread_count() -> None:
         torch.set_num_threads(threads)
     for a, b in zip([many[0], many[1], *many[2]], [one[0], one[1], *one[2]]):
         assert torch.equal(a, b)
+
+
+needs_amx = pytest.mark.skipif(not amx_linear.available(), reason="this CPU (or its OS) offers no AMX")
+
+
+@needs_amx
+@pytest.mark.parametrize(("rows", "n", "k"), [
+    pytest.param(1, 960, 576, id="one-row"),
+    pytest.param(0, 40, 64, id="no-rows"),
+    pytest.param(7, 33, 40, id="n-and-k-off-tile"),
+    pytest.param(33, 100, 70, id="a-one-row-tail-block"),
+    pytest.param(45, 64, 1536, id="deep"),
+    pytest.param(40, 2048, 576, id="several-weight-chunks-per-thread"),
+])
+@pytest.mark.parametrize("add", ["none", "bias", "residual"])
+def test_amx_linear_matches_reference(rows: int, n: int, k: int, add: str) -> None:
+    weight = torch.randn(n, k).bfloat16()
+    wide = torch.randn(rows, k + 3).bfloat16()
+    x = wide[:, 1:k + 1]  # a strided row view, as a slice of a fused projection would be
+    addend = {"none": None, "bias": torch.randn(n).bfloat16(), "residual": torch.randn(rows, n).bfloat16()}[add]
+    got = amx_linear.linear_bf16(x, amx_linear.pack(weight), n, k, addend)
+    expected = amx_linear.linear_bf16_ref(x.float(), weight.float(), None if addend is None else addend.float())
+    assert got.dtype == torch.bfloat16
+    if rows:
+        assert_close(got, expected, torch.bfloat16)
+
+
+@needs_amx
+def test_amx_linear_rows_do_not_depend_on_the_batch_or_the_thread_count() -> None:
+    # each output is one tile dot product over K in a fixed order: neither the other rows of the
+    # batch (batch invariance of greedy decoding) nor the split over threads can change a bit
+    weight = torch.randn(300, 200).bfloat16()
+    packed = amx_linear.pack(weight)
+    x = torch.randn(37, 200).bfloat16()
+    batched = amx_linear.linear_bf16(x, packed, 300, 200)
+    for row in (0, 16, 31, 36):
+        assert torch.equal(amx_linear.linear_bf16(x[row:row + 1], packed, 300, 200)[0], batched[row])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(amx_linear.linear_bf16(x, packed, 300, 200), batched)
+    finally:
+        torch.set_num_threads(threads)

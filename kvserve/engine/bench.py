@@ -7,12 +7,12 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.model.config import ModelConfig
+from kvserve.model.llama import Projection
 
 
 def random_prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -31,16 +31,17 @@ def flops_per_token(cfg: ModelConfig, context: int, lm_head: bool = True) -> flo
 
 
 def matmul_rate(cfg: ModelConfig, rows: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """FLOP/s of the model's own projection shapes at `rows` rows (the ceiling for that batch size)."""
+    """FLOP/s of the model's own projection shapes and kernels at `rows` rows (the ceiling for that
+    batch size)."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = [(q + 2 * kv, d), (d, q), (2 * cfg.intermediate_size, d), (d, cfg.intermediate_size)]
-    weights = [torch.randn(o, i, dtype=dtype) for o, i in shapes]
+    projections = [Projection(torch.randn(o, i, dtype=dtype)) for o, i in shapes]
     inputs = [torch.randn(rows, i, dtype=dtype) for _, i in shapes]
     flops = sum(2 * rows * o * i for o, i in shapes)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for x, w in zip(inputs, weights):
-            F.linear(x, w)
+        for x, projection in zip(inputs, projections):
+            projection(x)
         count += 1
     return count * flops / (time.perf_counter() - start)
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata
+from kvserve.kernels import amx_linear
 from kvserve.kernels.pointwise import rms_norm, rope_, silu_mul
 from kvserve.model.config import ModelConfig
 
@@ -42,32 +43,42 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 class Projection:
     """x @ W^T for an HF [out, in] weight, plus its bias (if any) or else a residual on request.
 
-    The weight is kept in the layout the fastest CPU kernel for its dtype reads: float32 as the
-    transposed [in, out] copy, which MKL streams at memory bandwidth for one row and multiplies ~1.3x
-    faster at 16-32 rows; bfloat16 (and every GPU dtype) as HF's [out, in], which oneDNN's bfloat16
-    GEMM reads ~1.7x faster for one row than the transpose and as fast for many.
+    The weight is kept in the layout the fastest CPU kernel for its dtype reads:
+    - float32 as the transposed [in, out] copy, which MKL streams at memory bandwidth for one row
+      and multiplies ~1.3x faster at 16-32 rows than HF's layout;
+    - bfloat16, on a CPU with AMX, packed once at load into AMX's tile layout (kernels/amx_linear.py):
+      1.5-1.7x torch's bfloat16 GEMM at the 1-32 rows of decode steps;
+    - anything else (bfloat16 without AMX, every GPU dtype) as HF's [out, in].
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.transposed = weight.device.type == "cpu" and weight.dtype == torch.float32
-        self.weight = weight.t().contiguous() if self.transposed else weight
+        self.out_features, self.in_features = weight.shape
+        self.element_size = weight.element_size()
+        on_cpu = weight.device.type == "cpu"
+        self.layout = ("transposed" if on_cpu and weight.dtype == torch.float32
+                       else "amx" if on_cpu and weight.dtype == torch.bfloat16 and amx_linear.available()
+                       else "plain")
+        self.weight = (weight.t().contiguous() if self.layout == "transposed"
+                       else amx_linear.pack(weight) if self.layout == "amx" else weight)
         self.bias = bias
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass (addmm).
+        """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass.
         Only q/k/v have biases (Qwen2), and no residual joins them."""
         assert residual is None or self.bias is None, "a projection with a bias takes no residual"
         add = self.bias if residual is None else residual
-        if not self.transposed and x.shape[0] == 1 and x.device.type == "cpu":
+        if self.layout == "amx":
+            return amx_linear.linear_bf16(x, self.weight, self.out_features, self.in_features, add)
+        if self.layout == "plain" and x.shape[0] == 1 and x.device.type == "cpu":
             # one row (batch-1 decode): the matrix-vector kernel reads a bfloat16 weight ~1.35x faster
             out = torch.mv(self.weight, x[0]) if add is None else torch.addmv(add.reshape(-1), self.weight, x[0])
             return out[None]
-        weight = self.weight if self.transposed else self.weight.t()
+        weight = self.weight if self.layout == "transposed" else self.weight.t()
         return x @ weight if add is None else torch.addmm(add, x, weight)
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+        return self.out_features * self.in_features * self.element_size
 
 
 class Layer:

@@ -1,0 +1,190 @@
+// bfloat16 projections on Intel AMX: out = x @ W^T (+ add), with W packed once at load into AMX's
+// B-tile layout. The contract is that of linear_bf16_ref in kernels/amx_linear.py.
+//
+// Packed layout: W [N, K] padded with zeros to [Np, Kp] (Np a multiple of 32, Kp of 32) and cut into
+// 1 KiB tiles of 16 output rows x 32 inputs; tile (nb, kb) sits at ((nb * Kp / 32) + kb) * 512
+// elements and holds W[nb * 16 + n][kb * 32 + 2 p + j] at p * 32 + n * 2 + j (the "VNNI" pair order
+// TDPBF16PS reads). Each block of 16 outputs is one contiguous stream over K.
+//
+// Each thread owns a range of 32-output groups. It takes them ~1 MiB of weights at a time (a chunk
+// that stays in L2) and walks every 32-row block of x over the chunk: two A tiles (x rows), two B
+// tiles (weights), four float32 accumulator tiles per 32 x 32 block of the output. A decode step
+// (1-32 rows) thus streams each weight once, prefetched ahead, where torch's bfloat16 GEMM re-packs
+// W on every call.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KV_HAVE_AMX 1
+#endif
+
+namespace kv {
+
+static constexpr int64_t kTileRows = 16;   // outputs (or x rows) per tile
+static constexpr int64_t kTileDepth = 32;  // inputs per tile
+static constexpr int64_t kTileElements = kTileRows * kTileDepth;
+// weights walked over all rows at once (256 KiB was 3x slower at 2,048 rows of a 576 x 1536 weight)
+static constexpr int64_t kChunkBytes = 1 << 20;
+
+static inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+#if defined(KV_HAVE_AMX)
+// Linux grants the AMX register state only to processes that ask for it
+static bool amx_permitted() {
+    static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                          18 /* XFEATURE_XTILEDATA */) == 0;
+    return permitted;
+}
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// tiles 0-3: accumulators (rows lo/hi x outputs lo/hi); 4-5: x rows lo/hi; 6-7: weights lo/hi
+static void configure(int64_t rows_lo, int64_t rows_hi) {
+    TileConfig config;
+    const int64_t rows[8] = {rows_lo, rows_lo, rows_hi, rows_hi, rows_lo, rows_hi, kTileRows, kTileRows};
+    for (int t = 0; t < 8; ++t) {
+        config.rows[t] = static_cast<uint8_t>(rows[t]);
+        config.colsb[t] = rows[t] ? 64 : 0;
+    }
+    _tile_loadconfig(&config);
+}
+
+static void linear(const bf16* x, int64_t x_stride, int64_t m, const bf16* packed, int64_t n, int64_t k,
+                   const bf16* add, int64_t add_stride, bf16* out, int threads) {
+    const int64_t kp = round_up(k, kTileDepth), k_tiles = kp / kTileDepth, groups = round_up(n, 32) / 32;
+    // x rows must be whole tiles wide: an unaligned K is copied into a zero-padded scratch
+    std::vector<bf16> padded;
+    if (kp != k) {
+        padded.assign(static_cast<size_t>(m * kp), 0);
+        for (int64_t r = 0; r < m; ++r) std::memcpy(&padded[r * kp], x + r * x_stride, k * sizeof(bf16));
+        x = padded.data();
+        x_stride = kp;
+    }
+    const int64_t x_bytes = x_stride * static_cast<int64_t>(sizeof(bf16));
+#pragma omp parallel num_threads(threads)
+    {
+        const int workers = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t first = groups * me / workers, last = groups * (me + 1) / workers;
+        alignas(64) float acc[2 * kTileRows][2 * kTileRows];
+        int64_t configured = -1;
+        // with many rows, a few groups at a time are walked over all of them, so that those groups'
+        // weights stay in L2 while x streams past (the output writes would otherwise evict them)
+        const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (2 * k_tiles * kTileElements * sizeof(bf16)));
+        for (int64_t g0 = first; g0 < last; g0 += chunk) {
+            for (int64_t row = 0; row < m; row += 2 * kTileRows) {
+                const int64_t rows = m - row < 2 * kTileRows ? m - row : 2 * kTileRows;
+                const int64_t rows_lo = rows < kTileRows ? rows : kTileRows, rows_hi = rows - rows_lo;
+                if (rows != configured) {
+                    configure(rows_lo, rows_hi);
+                    configured = rows;
+                }
+                const bf16* x_lo = x + row * x_stride;
+                const bf16* x_hi = x_lo + kTileRows * x_stride;
+                for (int64_t g = g0; g < std::min(g0 + chunk, last); ++g) {
+                    const bf16* w_lo = packed + (2 * g) * k_tiles * kTileElements;
+                    const bf16* w_hi = w_lo + k_tiles * kTileElements;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    if (rows_hi) {
+                        _tile_zero(2);
+                        _tile_zero(3);
+                    }
+                    for (int64_t t = 0; t < k_tiles; ++t) {
+                        // the next tiles of both weight streams, for the one-row steps that wait on memory
+                        _mm_prefetch(reinterpret_cast<const char*>(w_lo + (t + 4) * kTileElements), _MM_HINT_T0);
+                        _mm_prefetch(reinterpret_cast<const char*>(w_hi + (t + 4) * kTileElements), _MM_HINT_T0);
+                        _tile_loadd(4, x_lo + t * kTileDepth, x_bytes);
+                        _tile_loadd(6, w_lo + t * kTileElements, 64);
+                        _tile_loadd(7, w_hi + t * kTileElements, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        if (rows_hi) {
+                            _tile_loadd(5, x_hi + t * kTileDepth, x_bytes);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                    }
+                    constexpr int64_t stride = 2 * kTileRows * sizeof(float);
+                    _tile_stored(0, &acc[0][0], stride);
+                    _tile_stored(1, &acc[0][kTileRows], stride);
+                    if (rows_hi) {
+                        _tile_stored(2, &acc[kTileRows][0], stride);
+                        _tile_stored(3, &acc[kTileRows][kTileRows], stride);
+                    }
+                    const int64_t col = g * 2 * kTileRows;
+                    const int64_t cols = n - col < 2 * kTileRows ? n - col : 2 * kTileRows;
+                    for (int64_t r = 0; r < rows; ++r) {
+                        bf16* o = out + (row + r) * n + col;
+                        const float* sums = acc[r];
+                        if (add) {
+                            const bf16* a = add + (row + r) * add_stride + col;
+#pragma omp simd
+                            for (int64_t c = 0; c < cols; ++c) o[c] = from_f32<bf16>(sums[c] + to_f32(a[c]));
+                        } else {
+#pragma omp simd
+                            for (int64_t c = 0; c < cols; ++c) o[c] = from_f32<bf16>(sums[c]);
+                        }
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+}
+#endif
+
+// where W[row][col] sits in the packed layout of a W with kp (padded) columns
+static inline int64_t packed_index(int64_t row, int64_t col, int64_t kp) {
+    const int64_t tile = (row / kTileRows) * (kp / kTileDepth) + col / kTileDepth;
+    const int64_t pair = (col % kTileDepth) / 2;
+    return tile * kTileElements + pair * 32 + (row % kTileRows) * 2 + col % 2;
+}
+
+}  // namespace kv
+
+// 1 where this build has AMX and the OS grants it (asked here, once), else 0
+extern "C" int kv_amx_available() {
+#if defined(KV_HAVE_AMX)
+    return kv::amx_permitted() ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+// w [n, k] -> packed (round_up(n, 32) * round_up(k, 32) elements, its padding zero)
+extern "C" void kv_amx_pack(const void* w, int64_t n, int64_t k, void* packed, int threads) {
+    const auto* src = static_cast<const kv::bf16*>(w);
+    auto* dst = static_cast<kv::bf16*>(packed);
+    const int64_t np = kv::round_up(n, 32), kp = kv::round_up(k, kv::kTileDepth);
+    std::memset(dst, 0, np * kp * sizeof(kv::bf16));
+#pragma omp parallel for num_threads(threads)
+    for (int64_t row = 0; row < n; ++row)
+        for (int64_t col = 0; col < k; ++col) dst[kv::packed_index(row, col, kp)] = src[row * k + col];
+}
+
+// x [m, k] (row stride x_stride), packed W, add [m, n] with row stride add_stride (0 for a bias) or
+// null, out [m, n] contiguous; all bfloat16
+extern "C" void kv_amx_linear(const void* x, int64_t x_stride, int64_t m, const void* packed, int64_t n, int64_t k,
+                              const void* add, int64_t add_stride, void* out, int threads) {
+#if defined(KV_HAVE_AMX)
+    kv::linear(static_cast<const kv::bf16*>(x), x_stride, m, static_cast<const kv::bf16*>(packed), n, k,
+               static_cast<const kv::bf16*>(add), add_stride, static_cast<kv::bf16*>(out), threads);
+#else
+    (void)x, (void)x_stride, (void)m, (void)packed, (void)n, (void)k, (void)add, (void)add_stride, (void)out,
+        (void)threads;
+#endif
+}
