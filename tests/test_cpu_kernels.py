@@ -13,6 +13,7 @@ import torch
 from kvserve.attention.backend import create_backend
 from kvserve.kernels import amx_linear, cpu_library, pointwise
 from kvserve.kernels import paged_decode as decode
+from kvserve.kernels.store_kv import store_kv_cpu, store_kv_ref
 from tests.test_kernels import SCALE, assert_close, layer_view, nan_allocations  # noqa: F401 (an autouse fixture)
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -92,6 +93,22 @@ def test_rope_matches_reference(dtype: torch.dtype, rows: int, heads: int, dim: 
     pointwise.rope_(got, cos, sin, heads)
     assert_close(got, expected, dtype)
     assert torch.equal(got[:, heads * dim:], x[:, heads * dim:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "kv_heads", "dim"), [(1, 3, 64), (9, 2, 80), (700, 4, 16)])  # 700: both threads
+def test_store_kv_cpu_matches_reference(dtype: torch.dtype, tokens: int, kv_heads: int, dim: int) -> None:
+    # k and v as the model hands them over: strided slices of one fused qkv row per token
+    qkv = torch.randn(tokens, (2 * kv_heads + 2 * kv_heads) * dim).to(dtype)
+    k = qkv[:, 2 * kv_heads * dim:3 * kv_heads * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, 3 * kv_heads * dim:].view(tokens, kv_heads, dim)
+    pages = torch.randn(2, tokens * kv_heads // 16 + 8, 16, dim).to(dtype)
+    slots = torch.randperm(pages.shape[1] * 16)[:tokens * kv_heads].view(tokens, kv_heads)
+    expected, got = pages.clone(), pages.clone()
+    store_kv_ref(k, v, expected[0], expected[1], slots)
+    store_kv_cpu(k, v, got[0], got[1], slots)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, pages)
 
 
 def test_paged_decode_cpu_does_not_depend_on_the_thread_count() -> None:

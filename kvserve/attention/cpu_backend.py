@@ -1,5 +1,5 @@
-"""The compiled CPU path: the torch backend with decode attention in the compiled kernel, which
-reads keys and values where they lie in the pages instead of gathering a copy per step."""
+"""The compiled CPU path: the torch backend with the K/V store and decode attention in compiled
+kernels; decode reads keys and values where they lie in the pages instead of gathering a copy per step."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import torch
 
 from kvserve.attention.torch_backend import TorchBackend
 from kvserve.kernels.paged_decode import paged_decode_cpu
+from kvserve.kernels.store_kv import store_kv_cpu
 
 
 class CPUBackend(TorchBackend):
     name = "cpu"
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, slot_index: torch.Tensor) -> None:
+        store_kv_cpu(k, v, self.k_pages, self.v_pages, slot_index)
 
     def decode(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, want_scores: bool
                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -14,6 +14,8 @@ from kvserve.engine.sampling_params import SamplingParams
 from kvserve.model.config import ModelConfig
 from kvserve.model.llama import Projection
 
+BATCH1_REPEATS = 3
+
 
 def random_prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +95,7 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
           f"{args.num_requests} requests x {args.input_len} prompt tokens x {args.output_len} generated, greedy")
 
     ours_tps = ours_throughput(engine, prompts, args.output_len)
-    ours_step = ours_decode_latency(engine, prompts[0], min(args.output_len, 64))
+    steps = min(args.output_len, 64)
 
     # the workload's matmul FLOPs: prompts (at half their length on average) and generated tokens
     prefill_flops = args.num_requests * args.input_len * flops_per_token(cfg, args.input_len // 2, lm_head=False)
@@ -118,15 +120,22 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
         seq_time = sum(hf_generate_time(hf, [p], args.output_len) for p in sequential)
         hf_one_tps = len(sequential) * args.output_len / seq_time
         hf_batch_tps = args.num_requests * args.output_len / hf_generate_time(hf, prompts, args.output_len)
-        steps = min(args.output_len, 64)
-        hf_step = (hf_generate_time(hf, prompts[:1], steps + 1) - hf_generate_time(hf, prompts[:1], 1)) / steps
         rows += [(f"transformers one at a time (first {len(sequential)} requests)", hf_one_tps, ours_tps / hf_one_tps),
                  ("transformers one padded batch", hf_batch_tps, ours_tps / hf_batch_tps)]
+
+    # batch-1 latencies are short enough to take the best of BATCH1_REPEATS, alternating ours and
+    # theirs, so that a noisy neighbour on a shared host does not decide the ratio
+    ours_step = hf_step = float("inf")
+    for _ in range(BATCH1_REPEATS):
+        ours_step = min(ours_step, ours_decode_latency(engine, prompts[0], steps))
+        if not args.skip_hf:
+            hf_step = min(hf_step, (hf_generate_time(hf, prompts[:1], steps + 1)
+                                    - hf_generate_time(hf, prompts[:1], 1)) / steps)
 
     print(f"\n{'throughput':<55}{'tok/s':>10}{'kvserve x':>12}")
     for name, value, ratio in rows:
         print(f"{name:<55}{value:>10.1f}{'' if ratio is None else f'{ratio:.2f}x':>12}")
-    print(f"\n{'batch-1 decode':<55}{'ms/token':>10}{'time ratio':>12}")
+    print(f"\n{f'batch-1 decode (best of {BATCH1_REPEATS})':<55}{'ms/token':>10}{'time ratio':>12}")
     print(f"{'kvserve':<55}{ours_step * 1e3:>10.1f}")
     if not args.skip_hf:
         print(f"{'transformers':<55}{hf_step * 1e3:>10.1f}{ours_step / hf_step:>11.2f}x")
