@@ -105,13 +105,20 @@ def available() -> bool:
     return library() is not None
 
 
+@functools.cache
+def _codes() -> dict[torch.dtype, int]:
+    return DTYPE_CODES if available() else {}
+
+
 def dtype_code(*tensors: torch.Tensor) -> int | None:
     """The kernels' code for the dtype these tensors share, or None where the compiled kernels cannot
-    take them (not all on the CPU in float32 or bfloat16, or no library). Called per layer: kept cheap."""
-    first = tensors[0]
-    if first.device.type != "cpu" or any(t.dtype is not first.dtype for t in tensors[1:]) or not available():
-        return None
-    return DTYPE_CODES.get(first.dtype)
+    take them (not all on the CPU in float32 or bfloat16, or no library). Called several times per
+    layer: kept to a plain loop."""
+    dtype = tensors[0].dtype
+    for tensor in tensors:
+        if tensor.dtype is not dtype or not tensor.is_cpu:
+            return None
+    return _codes().get(dtype)
 
 
 def threads() -> int:
