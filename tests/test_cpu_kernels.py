@@ -13,6 +13,7 @@ import torch
 from kvserve.attention.backend import create_backend
 from kvserve.kernels import amx_linear, cpu_library, pointwise
 from kvserve.kernels import paged_decode as decode
+from kvserve.kernels.argmax import argmax_rows, argmax_rows_ref
 from kvserve.kernels.store_kv import store_kv_cpu, store_kv_ref
 from tests.test_kernels import SCALE, assert_close, layer_view, nan_allocations  # noqa: F401 (an autouse fixture)
 
@@ -109,6 +110,21 @@ def test_store_kv_cpu_matches_reference(dtype: torch.dtype, tokens: int, kv_head
     store_kv_cpu(k, v, got[0], got[1], slots)
     assert torch.equal(got, expected)
     assert not torch.equal(got, pages)
+
+
+@pytest.mark.parametrize("vocab", [49152, 5, 16, 33])  # whole vector steps, a tail only, both
+def test_argmax_rows_matches_torch_ties_nans_and_infinities(vocab: int) -> None:
+    logits = torch.randn(12, vocab)
+    logits[0, [1, vocab - 1]] = 1e9  # a tie: the first index wins
+    logits[1, 0], logits[1, min(7, vocab - 1)] = 1e9, float("nan")  # NaN beats any number
+    logits[2] = float("-inf")
+    logits[3] = float("-inf")
+    logits[3, vocab - 1] = -1e30
+    logits[4, vocab - 1] = float("nan")
+    logits[5] = 3.0
+    expected = argmax_rows_ref(logits)
+    assert torch.equal(argmax_rows(logits), expected)
+    assert expected[0] == 1 and expected[5] == 0
 
 
 def test_paged_decode_cpu_does_not_depend_on_the_thread_count() -> None:

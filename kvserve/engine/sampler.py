@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.engine.sampling_params import SamplingParams
+from kvserve.kernels.argmax import argmax_rows
 
 _MASK64 = (1 << 64) - 1
 
@@ -61,7 +62,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     logprobs = top_ids = top_logprobs = None
     if want_logprobs is not None:
         all_logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logits.argmax(dim=-1)
+    chosen = argmax_rows(logits)
 
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
