@@ -47,6 +47,10 @@ SIGNATURES = {
 }
 
 
+# the functions that return a value; every other one returns nothing
+RESULT_TYPES = {"kv_amx_available": ctypes.c_int}
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
@@ -98,7 +102,7 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name == "kv_amx_available" else None
+        getattr(lib, name).restype = RESULT_TYPES.get(name)
     return lib
 
 
