@@ -105,14 +105,17 @@ class AttentionBackend(ABC):
         lens = meta.seq_lens[:, layer]
         if not meta.has_prefill:  # the common all-decode step: no scatter needed
             return self._decode_rows(layer, q, tables, lens, meta)
-        out = torch.empty_like(q)
         if meta.has_decode:
+            out = torch.empty_like(q)
             rows = meta.decode_rows
             out[meta.decode_tokens] = self._decode_rows(layer, q[meta.decode_tokens], tables[rows], lens[rows], meta)
-        rows = meta.prefill_rows
-        queries = q[meta.prefill_tokens]
-        pre, window = self.prefill(queries, tables[rows], lens[rows], meta)
-        out[meta.prefill_tokens] = pre
+            rows = meta.prefill_rows
+            queries = q[meta.prefill_tokens]
+            pre, window = self.prefill(queries, tables[rows], lens[rows], meta)
+            out[meta.prefill_tokens] = pre
+        else:  # an all-prefill step: its rows and tokens are the prefill rows and tokens, in order
+            queries = q
+            out, window = self.prefill(q, tables, lens, meta)
         if window is not None:
             meta.window_scores[layer] = window
         if meta.query_windows is not None:
