@@ -10,6 +10,7 @@ from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import InvalidRequest, LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_correct, passkey_prompt
+from kvserve.kernels import amx_linear
 from tests.helpers import feed, make_sequence
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -86,6 +87,19 @@ def test_batch_invariance(engine, invariance_prompts, alone):
     together = engine.generate(invariance_prompts, GREEDY)
     assert together == alone
     assert all(len(t) == GREEDY.max_tokens for t in together)
+
+
+@pytest.mark.skipif(not amx_linear.available(), reason="this CPU (or its OS) offers no AMX")
+def test_bfloat16_batch_invariance_on_amx(invariance_prompts):
+    # the AMX projections compute each row alone, decode attention each (sequence, head) alone and
+    # prefill each sequence alone: in bfloat16 too, a request's greedy tokens ignore the batch
+    bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory=256 << 20, max_num_batched_tokens=1024,
+                                  max_num_seqs=32))
+    prompts = invariance_prompts[:8]  # 10 to 1,500 tokens; the longest is prefilled in two chunks
+    alone = [bf16.generate([p], GREEDY)[0] for p in prompts]
+    assert bf16.generate(prompts, GREEDY) == alone
+    bf16.runner.check_invariants(live_rows=[])
+    assert bf16.runner.pool.pages_free == bf16.runner.pool.capacity
 
 
 def test_preemption_completes_with_same_tokens(invariance_prompts, alone):
