@@ -1,8 +1,13 @@
 // Fused pointwise steps of the decoder layer on the CPU, each one pass over its rows. The contracts
 // are those of the torch references in kernels/pointwise.py.
 #include <cmath>
+#include <type_traits>
 
 #include "common.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace kv {
 
@@ -27,9 +32,48 @@ static void rms_norm(const T* x, int64_t x_stride, const T* weight, T* out, int6
     }
 }
 
+static inline float silu(float g) { return g / (1.0f + fast_exp(-g > 88.0f ? 88.0f : -g)); }
+
+#if defined(__AVX512BF16__)
+// up to 16 bfloat16 (those in `mask`) as float32 lanes
+static inline __m512 load_bf16(const bf16* p, __mmask16 mask) {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
+// silu_mul for bfloat16 rows, 16 elements at a time with AVX512-BF16's conversions: gcc 12 vectorises
+// the generic loop's bfloat16 rounding poorly (2.0 ms against 1.2 here on 2048 x 1536 rows)
+static void silu_mul_bf16(const bf16* gate_up, bf16* out, int64_t rows, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * width >= kParallelElements)
+    for (int64_t r = 0; r < rows; ++r) {
+        const bf16* gate = gate_up + r * 2 * width;
+        const bf16* up = gate + width;
+        bf16* o = out + r * width;
+        for (int64_t i = 0; i < width; i += 16) {
+            const __mmask16 mask = width - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (width - i)) - 1);
+            alignas(64) float lanes[16];
+            _mm512_store_ps(lanes, load_bf16(gate + i, mask));
+#pragma omp simd
+            for (int l = 0; l < 16; ++l) lanes[l] = silu(lanes[l]);
+            // silu is rounded to bfloat16 before the product, as torch does
+            const __m512 rounded = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(lanes))), 16));
+            const __m256bh product = _mm512_cvtneps_pbh(_mm512_mul_ps(rounded, load_bf16(up + i, mask)));
+            _mm256_mask_storeu_epi16(o + i, mask, (__m256i)product);
+        }
+    }
+}
+#endif
+
 // gate_up [rows, 2 * width] -> out [rows, width] = silu(gate) * up, silu rounded to T first as torch does
 template <typename T>
 static void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, int threads) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, bf16>) {
+        silu_mul_bf16(gate_up, out, rows, width, threads);
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) if (rows * width >= kParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const T* gate = gate_up + r * 2 * width;
@@ -37,9 +81,7 @@ static void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, int 
         T* o = out + r * width;
 #pragma omp simd
         for (int64_t i = 0; i < width; ++i) {
-            const float g = to_f32(gate[i]);
-            const float silu = to_f32(from_f32<T>(g / (1.0f + fast_exp(-g > 88.0f ? 88.0f : -g))));
-            o[i] = from_f32<T>(silu * to_f32(up[i]));
+            o[i] = from_f32<T>(to_f32(from_f32<T>(silu(to_f32(gate[i])))) * to_f32(up[i]));
         }
     }
 }
