@@ -105,7 +105,8 @@ static inline void page_accumulate(const float* __restrict weights, const float*
 template <typename T>
 static inline void prefetch_page(const T* page, int64_t elements) {
     const char* bytes = reinterpret_cast<const char*>(page);
-    for (int64_t line = 0; line < elements * static_cast<int64_t>(sizeof(T)); line += 64) __builtin_prefetch(bytes + line);
+    const int64_t bytes_total = elements * static_cast<int64_t>(sizeof(T));
+    for (int64_t line = 0; line < bytes_total; line += 64) __builtin_prefetch(bytes + line);
 }
 
 // DIM > 0 fixes head_dim at compile time (the common 64 and 128), so the per-slot loops unroll fully

@@ -35,10 +35,9 @@ static void rms_norm(const T* x, int64_t x_stride, const T* weight, T* out, int6
 static inline float silu(float g) { return g / (1.0f + fast_exp(-g > 88.0f ? 88.0f : -g)); }
 
 #if defined(__AVX512BF16__)
-// up to 16 bfloat16 (those in `mask`) as float32 lanes
-static inline __m512 load_bf16(const bf16* p, __mmask16 mask) {
-    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+// 16 bfloat16 bit patterns as float32 lanes
+static inline __m512 widen(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
 // silu_mul for bfloat16 rows, 16 elements at a time with AVX512-BF16's conversions: gcc 12 vectorises
@@ -52,13 +51,13 @@ static void silu_mul_bf16(const bf16* gate_up, bf16* out, int64_t rows, int64_t 
         for (int64_t i = 0; i < width; i += 16) {
             const __mmask16 mask = width - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (width - i)) - 1);
             alignas(64) float lanes[16];
-            _mm512_store_ps(lanes, load_bf16(gate + i, mask));
+            _mm512_store_ps(lanes, widen(_mm256_maskz_loadu_epi16(mask, gate + i)));
 #pragma omp simd
             for (int l = 0; l < 16; ++l) lanes[l] = silu(lanes[l]);
             // silu is rounded to bfloat16 before the product, as torch does
-            const __m512 rounded = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(lanes))), 16));
-            const __m256bh product = _mm512_cvtneps_pbh(_mm512_mul_ps(rounded, load_bf16(up + i, mask)));
+            const __m512 rounded = widen((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(lanes)));
+            const __m512 up_lanes = widen(_mm256_maskz_loadu_epi16(mask, up + i));
+            const __m256bh product = _mm512_cvtneps_pbh(_mm512_mul_ps(rounded, up_lanes));
             _mm256_mask_storeu_epi16(o + i, mask, (__m256i)product);
         }
     }
