@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvserve.engine.config import EngineConfig
@@ -12,7 +13,10 @@ from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.engine.scheduler import ScheduledBatch
 from kvserve.engine.sequence import Sequence
+from kvserve.kernels import amx_linear
 from kvserve.policies.registry import create_policy, parse_policy
+
+needs_amx = pytest.mark.skipif(not amx_linear.available(), reason="this CPU (or its OS) offers no AMX")
 
 
 def save_tiny_model(folder: Path, family: str) -> Path:

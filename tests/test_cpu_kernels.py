@@ -15,6 +15,7 @@ from kvserve.kernels import amx_linear, cpu_library, pointwise
 from kvserve.kernels import paged_decode as decode
 from kvserve.kernels.argmax import argmax_rows, argmax_rows_ref
 from kvserve.kernels.store_kv import store_kv_cpu, store_kv_ref
+from tests.helpers import needs_amx
 from tests.test_kernels import SCALE, assert_close, layer_view, nan_allocations  # noqa: F401 (an autouse fixture)
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -140,9 +141,6 @@ def test_paged_decode_cpu_does_not_depend_on_the_thread_count() -> None:
         torch.set_num_threads(threads)
     for a, b in zip([many[0], many[1], *many[2]], [one[0], one[1], *one[2]]):
         assert torch.equal(a, b)
-
-
-needs_amx = pytest.mark.skipif(not amx_linear.available(), reason="this CPU (or its OS) offers no AMX")
 
 
 @needs_amx

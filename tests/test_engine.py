@@ -10,8 +10,7 @@ from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import InvalidRequest, LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_correct, passkey_prompt
-from kvserve.kernels import amx_linear
-from tests.helpers import feed, make_sequence
+from tests.helpers import feed, make_sequence, needs_amx
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -89,7 +88,7 @@ def test_batch_invariance(engine, invariance_prompts, alone):
     assert all(len(t) == GREEDY.max_tokens for t in together)
 
 
-@pytest.mark.skipif(not amx_linear.available(), reason="this CPU (or its OS) offers no AMX")
+@needs_amx
 def test_bfloat16_batch_invariance_on_amx(invariance_prompts):
     # the AMX projections compute each row alone, decode attention each (sequence, head) alone and
     # prefill each sequence alone: in bfloat16 too, a request's greedy tokens ignore the batch

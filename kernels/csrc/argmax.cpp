@@ -48,7 +48,7 @@ static int64_t argmax_row(const float* x, int64_t cols) {
 #endif
     for (int64_t i = start; i < cols; ++i) {
         if (std::isnan(x[i])) return i;
-        if (x[i] > best || (i == 0 && x[i] == best)) {
+        if (x[i] > best) {
             best = x[i];
             best_index = i;
         }

@@ -61,6 +61,8 @@ class Projection:
         self.weight = (weight.t().contiguous() if self.layout == "transposed"
                        else amx_linear.pack(weight) if self.layout == "amx" else weight)
         self.bias = bias
+        # one row (batch-1 decode) of a plain CPU weight: the matrix-vector kernel reads bfloat16 ~1.35x faster
+        self.one_row_mv = self.layout == "plain" and on_cpu
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass.
@@ -69,8 +71,7 @@ class Projection:
         add = self.bias if residual is None else residual
         if self.layout == "amx":
             return amx_linear.linear_bf16(x, self.weight, self.out_features, self.in_features, add)
-        if self.layout == "plain" and x.shape[0] == 1 and x.device.type == "cpu":
-            # one row (batch-1 decode): the matrix-vector kernel reads a bfloat16 weight ~1.35x faster
+        if self.one_row_mv and x.shape[0] == 1:
             out = torch.mv(self.weight, x[0]) if add is None else torch.addmv(add.reshape(-1), self.weight, x[0])
             return out[None]
         weight = self.weight if self.layout == "transposed" else self.weight.t()
