@@ -43,7 +43,7 @@ SIGNATURES = {
     "kv_argmax_rows": [_ptr, _i64, _i64, _ptr, _i32],
     "kv_amx_available": [],
     "kv_amx_pack": [_ptr, _i64, _i64, _ptr, _i32],
-    "kv_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, _i32],
+    "kv_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i32, _ptr, _i32],
 }
 
 

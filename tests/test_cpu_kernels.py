@@ -166,6 +166,24 @@ def test_amx_linear_matches_reference(rows: int, n: int, k: int, add: str) -> No
 
 
 @needs_amx
+@pytest.mark.parametrize("rows, width, k", [
+    pytest.param(1, 48, 64, id="one-row"),
+    pytest.param(37, 40, 33, id="width-and-k-off-tile"),
+    pytest.param(40, 1536, 576, id="model-shape-several-chunks"),
+])
+def test_amx_swiglu_epilogue_matches_the_unfused_path(rows: int, width: int, k: int) -> None:
+    # the fused epilogue rounds as linear-then-silu_mul does, so the two agree to the bit; both are
+    # close to torch's silu(x @ gate^T) * (x @ up^T)
+    weight = torch.randn(2 * width, k).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
+    fused = amx_linear.linear_bf16(x, amx_linear.pack_gated(weight), width, k, gated=True)
+    unfused = pointwise.silu_mul(amx_linear.linear_bf16(x, amx_linear.pack(weight), 2 * width, k))
+    assert fused.shape == (rows, width)
+    assert torch.equal(fused, unfused)
+    assert_close(fused, pointwise.silu_mul_ref(amx_linear.linear_bf16_ref(x, weight)), torch.bfloat16)
+
+
+@needs_amx
 def test_amx_linear_rows_do_not_depend_on_the_batch_or_the_thread_count() -> None:
     # each output is one tile dot product over K in a fixed order: neither the other rows of the
     # batch (batch invariance of greedy decoding) nor the split over threads can change a bit

@@ -4,6 +4,10 @@
 
 #include <cstdint>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace kv {
 
 enum Dtype : int { kFloat32 = 0, kBFloat16 = 1 };
@@ -46,6 +50,29 @@ static inline float fast_exp(float x) {
     p = p * f + 1.0f;
     return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
+
+// SiLU in float32 (x * sigmoid(x)), exp clamped where 1 + e^-x would overflow
+static inline float silu(float g) { return g / (1.0f + fast_exp(-g > 88.0f ? 88.0f : -g)); }
+
+#if defined(__AVX512BF16__)
+// 16 bfloat16 bit patterns as float32 lanes
+static inline __m512 widen(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// 16 float32 lanes rounded to bfloat16 (nearest even), kept as float32
+static inline __m512 round_bf16(__m512 x) { return widen((__m256i)_mm512_cvtneps_pbh(x)); }
+
+// SwiGLU on 16 lanes of bfloat16 values held as float32: silu(gate), rounded to bfloat16 as torch
+// rounds it, times up, rounded again -> 16 bfloat16 bit patterns
+static inline __m256i silu_mul16(__m512 gate, __m512 up) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, gate);
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) lanes[l] = silu(lanes[l]);
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round_bf16(_mm512_load_ps(lanes)), up));
+}
+#endif
 
 // n elements of T as float32: the row itself for float32, a converted copy in `scratch` otherwise
 static inline const float* load_row(const float* src, float*, int64_t) { return src; }

@@ -42,24 +42,28 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 class Projection:
     """x @ W^T for an HF [out, in] weight, plus its bias (if any) or else a residual on request.
+    With `swiglu`, W is an MLP's [gate; up] and a call returns silu(x @ gate^T) * (x @ up^T).
 
     The weight is kept in the layout the fastest CPU kernel for its dtype reads:
     - float32 as the transposed [in, out] copy, which MKL streams at memory bandwidth for one row
       and multiplies ~1.3x faster at 16-32 rows than HF's layout;
     - bfloat16, on a CPU with AMX, packed once at load into AMX's tile layout (kernels/amx_linear.py):
-      1.5-1.7x torch's bfloat16 GEMM at the 1-32 rows of decode steps;
+      1.5-1.7x torch's bfloat16 GEMM at the 1-32 rows of decode steps; a SwiGLU weight applies its
+      activation in the kernel, so the [T, 2 * intermediate] product is never written;
     - anything else (bfloat16 without AMX, every GPU dtype) as HF's [out, in].
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> None:
         self.out_features, self.in_features = weight.shape
+        self.swiglu = swiglu
         self.element_size = weight.element_size()
         on_cpu = weight.device.type == "cpu"
         self.layout = ("transposed" if on_cpu and weight.dtype == torch.float32
                        else "amx" if on_cpu and weight.dtype == torch.bfloat16 and amx_linear.available()
                        else "plain")
         self.weight = (weight.t().contiguous() if self.layout == "transposed"
-                       else amx_linear.pack(weight) if self.layout == "amx" else weight)
+                       else weight if self.layout == "plain"
+                       else amx_linear.pack_gated(weight) if swiglu else amx_linear.pack(weight))
         self.bias = bias
         # one row (batch-1 decode) of a plain CPU weight: the matrix-vector kernel reads bfloat16 ~1.35x faster
         self.one_row_mv = self.layout == "plain" and on_cpu
@@ -67,15 +71,19 @@ class Projection:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass.
         Only q/k/v have biases (Qwen2), and no residual joins them."""
-        assert residual is None or self.bias is None, "a projection with a bias takes no residual"
+        assert residual is None or (self.bias is None and not self.swiglu), "only a plain projection takes a residual"
         add = self.bias if residual is None else residual
+        if self.layout == "amx" and self.swiglu:
+            return amx_linear.linear_bf16(x, self.weight, self.out_features // 2, self.in_features, gated=True)
         if self.layout == "amx":
-            return amx_linear.linear_bf16(x, self.weight, self.out_features, self.in_features, add)
-        if self.one_row_mv and x.shape[0] == 1:
-            out = torch.mv(self.weight, x[0]) if add is None else torch.addmv(add.reshape(-1), self.weight, x[0])
-            return out[None]
-        weight = self.weight if self.layout == "transposed" else self.weight.t()
-        return x @ weight if add is None else torch.addmm(add, x, weight)
+            out = amx_linear.linear_bf16(x, self.weight, self.out_features, self.in_features, add)
+        elif self.one_row_mv and x.shape[0] == 1:
+            row = torch.mv(self.weight, x[0]) if add is None else torch.addmv(add.reshape(-1), self.weight, x[0])
+            out = row[None]
+        else:
+            weight = self.weight if self.layout == "transposed" else self.weight.t()
+            out = x @ weight if add is None else torch.addmm(add, x, weight)
+        return silu_mul(out) if self.swiglu else out
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +91,8 @@ class Projection:
 
 
 class Layer:
-    """One decoder layer's weights, with q/k/v and gate/up fused into single matmuls."""
+    """One decoder layer's weights, with q/k/v and gate/up fused into single matmuls (the latter with
+    its SwiGLU activation)."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -96,7 +105,7 @@ class Layer:
         self.qkv = Projection(load(*(f"{attn}.{p}_proj.weight" for p in "qkv")),
                               load(*(f"{attn}.{p}_proj.bias" for p in "qkv")) if has_bias else None)
         self.o = Projection(load(f"{attn}.o_proj.weight"))
-        self.gate_up = Projection(load(f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"))
+        self.gate_up = Projection(load(f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"), swiglu=True)
         self.down = Projection(load(f"{mlp}.down_proj.weight"))
         self.input_norm = load(f"{prefix}.input_layernorm.weight")
         self.post_norm = load(f"{prefix}.post_attention_layernorm.weight")
@@ -146,6 +155,6 @@ class LlamaModel:
             # the residual adds ride on the matmuls (addmm), saving a pass over x each
             x = layer.o(attn.reshape(tokens, q_width), residual=x)
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            x = layer.down(silu_mul(layer.gate_up(h)), residual=x)
+            x = layer.down(layer.gate_up(h), residual=x)
         x = rms_norm(x[logits_index], self.norm, cfg.rms_norm_eps)
         return self.lm_head(x).float()
