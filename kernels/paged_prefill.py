@@ -40,6 +40,16 @@ def per_sequence_windows(window: int | torch.Tensor, batch: int) -> torch.Tensor
     return torch.full((batch,), window, dtype=torch.int32) if window > 0 else None
 
 
+# torch's CPU flash attention runs query and key lengths that are not multiples of 32 up to 3x slower
+# in bfloat16 (226 tokens, causal: 1.41 ms, 224: 0.42 ms, 256: 0.51 ms); float32 gains a little too
+SDPA_ALIGN = 32
+
+
+def _zero_pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, H, n, D] -> [1, H, length, D], zeros after the n given rows."""
+    return x if x.shape[2] == length else F.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
 def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                       scale: float, window: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,7 +63,7 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
         window_scores = torch.zeros(batch, kv_heads, pages * k_pages.shape[1], dtype=torch.float32, device=q.device)
         windows = windows.tolist()
     starts = query_start_loc.tolist()
-    # a step holds few prefill chunks: each gets its own unpadded attention call
+    # a step holds few prefill chunks: each gets its own attention call, not padded to the longest
     for b in range(batch):
         lo, hi = starts[b], starts[b + 1]
         n = hi - lo
@@ -65,22 +75,28 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
         uniform = bool((lens == longest).all())
         whole_sequence = uniform and longest == n
         width = min(windows[b], n) if windows is not None else 0
+        # attention runs on queries and keys zero-padded to SDPA_ALIGN; the padding is exact: no real
+        # query sees a padded key, and the padded queries' rows are dropped
+        padded_n, padded_slots = -(-n // SDPA_ALIGN) * SDPA_ALIGN, -(-longest // SDPA_ALIGN) * SDPA_ALIGN
         if not whole_sequence or width:
             # visible[h, j, s]: slot s is cached for head h and not in query j's future
             first_new = (lens - n)[:, None, None]
-            visible = torch.arange(longest, device=q.device) < first_new + torch.arange(n, device=q.device)[:, None] + 1
+            visible = (torch.arange(padded_slots, device=q.device)
+                       < first_new + torch.arange(padded_n, device=q.device)[:, None] + 1)
         if width:
             # the observed queries' probabilities, explicitly; when they are the whole chunk they give
             # the attention output too, so the chunk is not attended twice
             q_win = (queries[0, :, n - width:] * scale).reshape(kv_heads, group * width, -1)
             logits = torch.matmul(q_win, keys[0].transpose(-1, -2)).float().view(kv_heads, group, width, longest)
-            logits.masked_fill_(~visible[:, None, n - width:], float("-inf"))
+            logits.masked_fill_(~visible[:, None, n - width:n, :longest], float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             window_scores[b, :, :longest] = probs.sum(dim=(1, 2))
         if width == n:
             attn = torch.matmul(probs.view(kv_heads, group * n, longest).to(values.dtype), values[0])
             out[lo:hi] = attn.view(q_heads, n, -1).transpose(0, 1)
             continue
+        queries = _zero_pad_tokens(queries, padded_n)
+        keys, values = _zero_pad_tokens(keys, padded_slots), _zero_pad_tokens(values, padded_slots)
         if whole_sequence:
             # the whole sequence is this chunk: plain causal attention, which skips the upper triangle
             attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
@@ -88,7 +104,7 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
             mask = visible[:1, None] if uniform else visible.repeat_interleave(group, dim=0)[None]
             attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
                                                   enable_gqa=True)
-        out[lo:hi] = attn[0].transpose(0, 1)
+        out[lo:hi] = attn[0, :, :n].transpose(0, 1)
     return out, window_scores
 
 

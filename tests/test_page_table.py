@@ -85,6 +85,19 @@ def test_null_page_is_never_handed_out():
         pool.allocate(1)
 
 
+def test_a_heads_pages_are_adjacent_and_ascending_from_a_fresh_pool():
+    # the CPU's prefetcher follows a head's pages when they lie one after another in memory
+    table = new_table(pages=200, rows=2)
+    row = torch.tensor([table.acquire_row()])
+    table.append(row, torch.tensor([3 * BLOCK]))
+    lists = table.tables[row[0], :, :, :3].reshape(-1, 3).long()
+    assert torch.equal(lists[:, 1:] - lists[:, :-1], torch.ones(lists.shape[0], 2, dtype=torch.long))
+    table.release_row(int(row[0]))
+    row = torch.tensor([table.acquire_row()])
+    table.append(row, torch.tensor([3 * BLOCK]))
+    assert torch.equal(table.tables[row[0], :, :, :3].reshape(-1, 3).long(), lists)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=3), st.integers(0, 2**31))
 def test_evict_keeps_exactly_the_kept_tokens_and_frees_pages(lengths, seed):
