@@ -1,5 +1,6 @@
-// Shared helpers of the CPU kernels: bfloat16 <-> float32, a vectorisable exp, row loads.
-// Every kernel computes in float32 and rounds once when it writes a bfloat16 result.
+// Shared helpers of the CPU kernels: bfloat16 <-> float32, a vectorisable exp, SiLU and SwiGLU, row
+// loads. Every kernel computes in float32 and rounds once when it writes a bfloat16 result, except
+// where it mirrors torch's intermediate roundings (SwiGLU).
 #pragma once
 
 #include <cstdint>

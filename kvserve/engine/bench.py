@@ -36,10 +36,12 @@ def matmul_rate(cfg: ModelConfig, rows: int, dtype: torch.dtype, seconds: float 
     """FLOP/s of the model's own projection shapes and kernels at `rows` rows (the ceiling for that
     batch size)."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = [(q + 2 * kv, d), (d, q), (2 * cfg.intermediate_size, d), (d, cfg.intermediate_size)]
-    projections = [Projection(torch.randn(o, i, dtype=dtype)) for o, i in shapes]
-    inputs = [torch.randn(rows, i, dtype=dtype) for _, i in shapes]
-    flops = sum(2 * rows * o * i for o, i in shapes)
+    # (out, in, swiglu) of q/k/v, o, gate/up and down
+    shapes = [(q + 2 * kv, d, False), (d, q, False), (2 * cfg.intermediate_size, d, True),
+              (d, cfg.intermediate_size, False)]
+    projections = [Projection(torch.randn(o, i, dtype=dtype), swiglu=swiglu) for o, i, swiglu in shapes]
+    inputs = [torch.randn(rows, i, dtype=dtype) for _, i, _ in shapes]
+    flops = sum(2 * rows * o * i for o, i, _ in shapes)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for x, projection in zip(inputs, projections):

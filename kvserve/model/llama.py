@@ -69,7 +69,8 @@ class Projection:
         self.one_row_mv = self.layout == "plain" and on_cpu
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] -> [T, out]; with `residual` [T, out], residual + x @ W^T in one pass.
+        """x [T, in] -> [T, out] ([T, out / 2] with swiglu); with `residual` [T, out], residual + x @ W^T
+        in one pass.
         Only q/k/v have biases (Qwen2), and no residual joins them."""
         assert residual is None or (self.bias is None and not self.swiglu), "only a plain projection takes a residual"
         add = self.bias if residual is None else residual
