@@ -27,7 +27,6 @@
 
 // the SwiGLU epilogue uses AVX512-BF16, which every AMX CPU has
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define KV_HAVE_AMX 1
@@ -143,7 +142,7 @@ static void linear(const bf16* x, int64_t x_stride, int64_t m, const bf16* packe
                     }
                     if (gated) {
                         const int64_t col = g * kTileRows, cols = n - col < kTileRows ? n - col : kTileRows;
-                        const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+                        const __mmask16 mask = first_lanes(cols);
                         for (int64_t r = 0; r < rows; ++r) {
                             const __m256i product = silu_mul16(round_bf16(_mm512_load_ps(acc[r])),
                                                                round_bf16(_mm512_load_ps(acc[r] + kTileRows)));

@@ -3,11 +3,8 @@
 // torch's CPU argmax runs one scalar thread (1.7 ms for 32 rows of a 49k vocabulary); here each of
 // 16 lanes keeps its own first maximum and index in one vectorised pass, rows spread over threads.
 #include <cmath>
-#include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 static int64_t argmax_row(const float* x, int64_t cols) {
     int64_t start = 0, best_index = 0;

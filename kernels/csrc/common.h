@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -59,6 +59,11 @@ static inline float silu(float g) { return g / (1.0f + fast_exp(-g > 88.0f ? 88.
 // 16 bfloat16 bit patterns as float32 lanes
 static inline __m512 widen(__m256i bits) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// the first min(count, 16) of 16 lanes
+static inline __mmask16 first_lanes(int64_t count) {
+    return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
 }
 
 // 16 float32 lanes rounded to bfloat16 (nearest even), kept as float32

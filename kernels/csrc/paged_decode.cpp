@@ -8,10 +8,6 @@
 
 #include "common.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace kv {
 
 // a . b over dim elements. The sum runs in 16 lanes, folded as a tree at the end: a plain reduction

@@ -38,7 +38,7 @@ static void silu_mul_bf16(const bf16* gate_up, bf16* out, int64_t rows, int64_t 
         const bf16* up = gate + width;
         bf16* o = out + r * width;
         for (int64_t i = 0; i < width; i += 16) {
-            const __mmask16 mask = width - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (width - i)) - 1);
+            const __mmask16 mask = first_lanes(width - i);
             const __m256i product = silu_mul16(widen(_mm256_maskz_loadu_epi16(mask, gate + i)),
                                                widen(_mm256_maskz_loadu_epi16(mask, up + i)));
             _mm256_mask_storeu_epi16(o + i, mask, product);
