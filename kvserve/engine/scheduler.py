@@ -139,12 +139,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a sequence wherever it is and return its pages."""
+        """Drop a sequence wherever it is and return its pages.
+
+        Pages go back first: the server's /metrics reads these counts from another thread, and a
+        reader that sees the sequence gone from the queues must also see its pages free."""
+        if seq.row is not None:
+            self.table.release_row(seq.row)
+            seq.row = None
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.row is not None:
-            self.table.release_row(seq.row)
-            seq.row = None
         seq.status = Status.FINISHED
