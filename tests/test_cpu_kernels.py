@@ -35,6 +35,7 @@ def test_the_library_builds_here() -> None:
     pytest.param([[31, 64, 2]], 4, 128, id="gqa4-head-dim-128"),
     pytest.param([[1, 2], [300, 257], [40, 3]], 4, 64, id="very-different-lengths"),
     pytest.param([[9, 40], [23, 7]], 2, 80, id="head-dim-80"),  # not a multiple of the 16 summing lanes
+    pytest.param([[45, 16]], 8, 128, id="gqa8-head-dim-128"),  # bfloat16 logits on AMX: a wide B tile
 ])
 def test_paged_decode_cpu_matches_reference(dtype: torch.dtype, lens: list[list[int]], group: int, dim: int) -> None:
     cache, tables, lens_view = layer_view(lens, dim, dtype)
@@ -63,6 +64,23 @@ def test_paged_decode_cpu_reads_queries_through_their_row_stride() -> None:
     got_out, got_lse, _ = decode.paged_decode_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens, SCALE)
     assert_close(got_out, out)
     assert_close(got_lse, lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_cpu_takes_pages_of_32_slots(dtype: torch.dtype) -> None:
+    # not the AMX tile's 16 rows: the logits of a page run 16 keys at a time, the last block masked
+    block, dim, group = 32, 64, 3
+    lens = torch.tensor([[70, 5], [32, 33]], dtype=torch.int32)
+    pages_per_head = 3
+    k_pages, v_pages = (torch.randn(20, block, dim).to(dtype) for _ in range(2))
+    tables = torch.randperm(20)[: lens.numel() * pages_per_head].view(2, 2, pages_per_head).to(torch.int32)
+    q = torch.randn(2, 2 * group, dim).to(dtype)
+    out, lse, (sums, _) = decode.paged_decode_ref(q, k_pages, v_pages, tables, lens, SCALE, want_scores=True)
+    got_out, got_lse, (got_sums, _) = decode.paged_decode_cpu(q, k_pages, v_pages, tables, lens, SCALE,
+                                                              want_scores=True)
+    assert_close(got_out, out, dtype)
+    assert_close(got_lse, lse, dtype)
+    assert_close(got_sums, sums, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

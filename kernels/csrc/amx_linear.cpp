@@ -23,50 +23,20 @@
 #include <cstring>
 #include <vector>
 
-#include "common.h"
-
-// the SwiGLU epilogue uses AVX512-BF16, which every AMX CPU has
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define KV_HAVE_AMX 1
-#endif
+#include "amx.h"
 
 namespace kv {
 
-static constexpr int64_t kTileRows = 16;   // outputs (or x rows) per tile
-static constexpr int64_t kTileDepth = 32;  // inputs per tile
-static constexpr int64_t kTileElements = kTileRows * kTileDepth;
 // weights walked over all rows at once (256 KiB was 3x slower at 2,048 rows of a 576 x 1536 weight)
 static constexpr int64_t kChunkBytes = 1 << 20;
 
 static inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 #if defined(KV_HAVE_AMX)
-// Linux grants the AMX register state only to processes that ask for it
-static bool amx_permitted() {
-    static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                          18 /* XFEATURE_XTILEDATA */) == 0;
-    return permitted;
-}
-
-struct alignas(64) TileConfig {
-    uint8_t palette = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
 // tiles 0-3: accumulators (rows lo/hi x outputs lo/hi); 4-5: x rows lo/hi; 6-7: weights lo/hi
 static void configure(int64_t rows_lo, int64_t rows_hi) {
-    TileConfig config;
-    const int64_t rows[8] = {rows_lo, rows_lo, rows_hi, rows_hi, rows_lo, rows_hi, kTileRows, kTileRows};
-    for (int t = 0; t < 8; ++t) {
-        config.rows[t] = static_cast<uint8_t>(rows[t]);
-        config.colsb[t] = rows[t] ? 64 : 0;
-    }
-    _tile_loadconfig(&config);
+    configure_tiles({rows_lo, rows_lo, rows_hi, rows_hi, rows_lo, rows_hi, kTileRows, kTileRows},
+                    {64, 64, 64, 64, 64, 64, 64, 64});
 }
 
 // n is the output width: W's rows, or I for gated weights

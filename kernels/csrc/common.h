@@ -55,7 +55,7 @@ static inline float fast_exp(float x) {
 // SiLU in float32 (x * sigmoid(x)), exp clamped where 1 + e^-x would overflow
 static inline float silu(float g) { return g / (1.0f + fast_exp(-g > 88.0f ? 88.0f : -g)); }
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 // 16 bfloat16 bit patterns as float32 lanes
 static inline __m512 widen(__m256i bits) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
@@ -66,6 +66,9 @@ static inline __mmask16 first_lanes(int64_t count) {
     return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
 }
 
+#endif
+
+#if defined(__AVX512BF16__)
 // 16 float32 lanes rounded to bfloat16 (nearest even), kept as float32
 static inline __m512 round_bf16(__m512 x) { return widen((__m256i)_mm512_cvtneps_pbh(x)); }
 

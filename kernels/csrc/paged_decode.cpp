@@ -1,12 +1,15 @@
 // Paged decode attention on the CPU: one query token per sequence over its per-head page lists.
-// The shapes and the contract are paged_decode_ref's (kernels/paged_decode.py). Keys and values are
-// read once, in place, a page at a time (the next one prefetched): each page is converted to float32
-// once (bfloat16 pools) and then serves the G query heads of its KV group from L1.
+// The shapes and the contract are paged_decode_ref's (kernels/paged_decode.py). One task is one
+// (sequence, KV head) pair with its G query heads. Keys and values are read once, in place, a page at a
+// time (the next ones prefetched), each key and value row loaded once for all G heads and converted
+// to float32 in registers. On AMX, a bfloat16 page's logits are one tile product (amx_page_logits);
+// elsewhere, and for the values, AVX-512 float32 products.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
-#include "common.h"
+#include "amx.h"
 
 namespace kv {
 
@@ -45,55 +48,132 @@ static inline __m512 sum_lanes16(const __m512* v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
+
+// 16 consecutive elements as float32 lanes, converted in registers (a bfloat16 page is never
+// copied out as float32: that copy cost as much as the products it fed)
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const bf16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #endif
 
-// logits[j] = q . keys[j] for the first `count` rows of a page (float32 rows of dim elements)
-template <int DIM>
-static inline void page_logits(const float* __restrict q, const float* __restrict keys, int64_t count, int dim,
-                               float* __restrict logits) {
+// logits[g * stride + j] = q_g . keys[j] for the G query heads of a KV group and the first `count`
+// rows of a page: each key is loaded once for all G heads
+template <int DIM, typename T>
+static inline void page_logits(const float* __restrict q, int group, const T* __restrict keys, int64_t count,
+                               int dim, int64_t stride, float* __restrict logits, float* __restrict scratch) {
 #if defined(__AVX512F__)
     if constexpr (DIM > 0 && DIM % 16 == 0) {
-        if (count == 16) {
-            __m512 partial[16];
-            for (int j = 0; j < 16; ++j) {
-                const float* key = keys + j * DIM;
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(key));
-                for (int d = 16; d < DIM; d += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(key + d), acc);
-                partial[j] = acc;
+        constexpr int kChunks = DIM / 16, kHeads = 4;
+        // 16 keys at a time, the last block masked
+        for (int64_t j0 = 0; j0 < count; j0 += 16) {
+            const int64_t rows = std::min<int64_t>(count - j0, 16);
+            for (int g0 = 0; g0 < group; g0 += kHeads) {
+                __m512 partial[kHeads][16];
+                for (int64_t j = 0; j < 16; ++j) {
+                    __m512 key[kChunks];
+                    if (j < rows)
+                        for (int c = 0; c < kChunks; ++c) key[c] = load16(keys + (j0 + j) * DIM + 16 * c);
+                    for (int g = 0; g < kHeads; ++g) {
+                        if (g0 + g >= group) break;
+                        if (j >= rows) {
+                            partial[g][j] = _mm512_setzero_ps();
+                            continue;
+                        }
+                        const float* qg = q + (g0 + g) * DIM;
+                        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), key[0]);
+                        for (int c = 1; c < kChunks; ++c)
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), key[c], acc);
+                        partial[g][j] = acc;
+                    }
+                }
+                for (int g = 0; g < kHeads && g0 + g < group; ++g)
+                    _mm512_mask_storeu_ps(logits + (g0 + g) * stride + j0, first_lanes(rows), sum_lanes16(partial[g]));
             }
-            _mm512_storeu_ps(logits, sum_lanes16(partial));
-            return;
         }
-    }
-#endif
-    for (int64_t j = 0; j < count; ++j) logits[j] = dot(q, keys + j * dim, dim);
-}
-
-// acc[d] += sum_j weights[j] * values[j][d] over the first `count` rows of a page
-template <int DIM>
-static inline void page_accumulate(const float* __restrict weights, const float* __restrict values, int64_t count,
-                                   int dim, float* __restrict acc) {
-#if defined(__AVX512F__)
-    if constexpr (DIM > 0 && DIM % 16 == 0) {
-        // the output row stays in registers across the page
-        __m512 sums[DIM / 16];
-        for (int c = 0; c < DIM / 16; ++c) sums[c] = _mm512_loadu_ps(acc + 16 * c);
-        for (int64_t j = 0; j < count; ++j) {
-            const __m512 w = _mm512_set1_ps(weights[j]);
-            for (int c = 0; c < DIM / 16; ++c)
-                sums[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(values + j * DIM + 16 * c), sums[c]);
-        }
-        for (int c = 0; c < DIM / 16; ++c) _mm512_storeu_ps(acc + 16 * c, sums[c]);
         return;
     }
 #endif
-    for (int64_t j = 0; j < count; ++j) {
-        const float* __restrict value = values + j * dim;
+    const float* rows = load_row(keys, scratch, count * dim);
+    for (int g = 0; g < group; ++g)
+        for (int64_t j = 0; j < count; ++j) logits[g * stride + j] = dot(q + g * dim, rows + j * dim, dim);
+}
+
+// acc[g][d] += sum_j weights[g * stride + j] * values[j][d] for the G query heads and the first
+// `count` rows of a page: each value row is loaded once for all G heads, whose output rows stay in
+// registers across the page
+template <int DIM, typename T>
+static inline void page_accumulate(const float* __restrict weights, int group, int64_t stride,
+                                   const T* __restrict values, int64_t count, int dim, float* __restrict acc,
+                                   float* __restrict scratch) {
+#if defined(__AVX512F__)
+    if constexpr (DIM > 0 && DIM % 16 == 0) {
+        constexpr int kChunks = DIM / 16, kHeads = kChunks >= 16 ? 1 : 16 / kChunks;
+        for (int g0 = 0; g0 < group; g0 += kHeads) {
+            __m512 sums[kHeads][kChunks];
+            for (int g = 0; g < kHeads && g0 + g < group; ++g)
+                for (int c = 0; c < kChunks; ++c) sums[g][c] = _mm512_loadu_ps(acc + (g0 + g) * DIM + 16 * c);
+            for (int64_t j = 0; j < count; ++j) {
+                __m512 value[kChunks];
+                for (int c = 0; c < kChunks; ++c) value[c] = load16(values + j * DIM + 16 * c);
+                for (int g = 0; g < kHeads; ++g) {
+                    if (g0 + g >= group) break;
+                    const __m512 w = _mm512_set1_ps(weights[(g0 + g) * stride + j]);
+                    for (int c = 0; c < kChunks; ++c) sums[g][c] = _mm512_fmadd_ps(w, value[c], sums[g][c]);
+                }
+            }
+            for (int g = 0; g < kHeads && g0 + g < group; ++g)
+                for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc + (g0 + g) * DIM + 16 * c, sums[g][c]);
+        }
+        return;
+    }
+#endif
+    const float* rows = load_row(values, scratch, count * dim);
+    for (int g = 0; g < group; ++g)
+        for (int64_t j = 0; j < count; ++j) {
+            const float* __restrict value = rows + j * dim;
+            float* __restrict out = acc + g * dim;
+            const float w = weights[g * stride + j];
 #pragma omp simd
-        for (int d = 0; d < dim; ++d) acc[d] += weights[j] * value[d];
+            for (int d = 0; d < dim; ++d) out[d] += w * value[d];
+        }
+}
+
+#if defined(KV_HAVE_AMX)
+// A page's logits on AMX tiles, for bfloat16 pages of 16 slots: logits^T [16 slots, G] =
+// K_page [16, DIM] . Q^T, the page itself the A operand (its rows are the tile's rows, no copy) and
+// the G queries the B operand, in the pair order TDPBF16PS reads (q_pairs[t][p][g][j] =
+// q[g][32 t + 2 p + j]). Products of bfloat16 values are exact in float32, so the logits are the
+// AVX-512 path's up to the order of the float32 sums; the keys' compute per page drops ~4x (1.36x
+// on the whole kernel with pages in cache, 1.1-1.2x on an engine's decode steps). Tiles: 0 the
+// logits, 1-2 and 3-4 alternate as (A, B) over the 32-dim chunks. Slots past `count` hold whatever
+// the page holds (NaN, say): each logit row reads only its own slot, and those rows are dropped.
+template <int DIM>
+static inline void amx_page_logits(const bf16* __restrict keys, const bf16* __restrict q_pairs, int group,
+                                   int64_t count, float scale, int64_t stride, float* __restrict logits,
+                                   float* __restrict tile_out) {
+    _tile_zero(0);
+    for (int t = 0; t < DIM / 32; ++t) {
+        const bf16* pairs = q_pairs + t * kTileRows * group * 2;
+        if (t % 2 == 0) {
+            _tile_loadd(1, keys + 32 * t, DIM * sizeof(bf16));
+            _tile_loadd(2, pairs, 4 * group);
+            _tile_dpbf16ps(0, 1, 2);
+        } else {
+            _tile_loadd(3, keys + 32 * t, DIM * sizeof(bf16));
+            _tile_loadd(4, pairs, 4 * group);
+            _tile_dpbf16ps(0, 3, 4);
+        }
+    }
+    _tile_stored(0, tile_out, 4 * group);
+    const __mmask16 mask = first_lanes(count);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(group));
+    for (int g = 0; g < group; ++g) {
+        const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask,
+                                                       _mm512_add_epi32(rows, _mm512_set1_epi32(g)), tile_out, 4);
+        _mm512_mask_storeu_ps(logits + g * stride, mask, _mm512_mul_ps(column, _mm512_set1_ps(scale)));
     }
 }
+#endif
 
 // Pages lie anywhere in a pool of gigabytes, where the hardware prefetcher cannot follow: while one
 // page's keys are used, the next page's keys and values are fetched into L1 (1.5-1.8x in a 2 GB pool)
@@ -118,12 +198,27 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
     const int group = q_heads / kv_heads;
     const int64_t slots = static_cast<int64_t>(pages) * block_size;
     const int64_t page_elements = static_cast<int64_t>(block_size) * dim;
+    // the logits on AMX tiles: bfloat16 pages of one tile's 16 rows, head sizes of whole 32-dim chunks
+    // and at most 16 query heads per KV head (one B tile's columns)
+#if defined(KV_HAVE_AMX)
+    constexpr bool kAmxShape = std::is_same_v<T, bf16> && DIM > 0 && DIM % 32 == 0;
+    const bool on_amx = kAmxShape && block_size == kTileRows && group <= kTileRows && amx_permitted();
+#else
+    constexpr bool kAmxShape = false, on_amx = false;
+#endif
 #pragma omp parallel num_threads(threads)
     {
         // probs[g * slots + s]: first the logits, then the probabilities, of query head g for slot s
         std::vector<float> probs(static_cast<size_t>(group) * slots);
         std::vector<float> query(static_cast<size_t>(group) * dim), acc(static_cast<size_t>(group) * dim);
         std::vector<float> page_rows(page_elements);
+        std::vector<bf16> q_pairs(on_amx ? static_cast<size_t>(group) * dim : 0);
+#if defined(KV_HAVE_AMX)
+        alignas(64) float tile_out[kTileRows * kTileRows];
+        if (on_amx)
+            configure_tiles({kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, 0, 0, 0},
+                            {4 * group, 64, 4 * group, 64, 4 * group, 0, 0, 0});
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < static_cast<int64_t>(batch) * kv_heads; ++item) {
             const int64_t b = item / kv_heads, h = item % kv_heads;
@@ -131,10 +226,18 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
             const int64_t used_pages = (len + block_size - 1) / block_size;
             const int32_t* table = tables + b * tables_stride_b + h * tables_stride_h;
             const T* q_group = q + b * q_stride_b + h * group * dim;
-            for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) query[i] = to_f32(q_group[i]) * scale;
+            if constexpr (kAmxShape) {
+                // q_pairs[t][p][g][j] = q[g][32 t + 2 p + j]; the scale is applied to the logits
+                if (on_amx)
+                    for (int g = 0; g < group; ++g)
+                        for (int64_t d = 0; d < dim; ++d)
+                            q_pairs[((d / 32 * kTileRows + d % 32 / 2) * group + g) * 2 + d % 2] = q_group[g * dim + d];
+            }
+            if (!on_amx)
+                for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) query[i] = to_f32(q_group[i]) * scale;
 
             // visit(start, in_page, rows): each page of the head's list in order, its first in_page
-            // slots (from slot `start` of the sequence) as float32 rows
+            // slots from slot `start` of the sequence
             auto each_page = [&](const T* pool, bool prefetch, auto&& visit) {
                 for (int64_t page = 0; page < used_pages; ++page) {
                     const int64_t start = page * block_size;
@@ -148,13 +251,22 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                         prefetch_page<2>(v_pages + table[page + 2] * page_elements, page_elements);
                     }
                     const T* rows = pool + table[page] * page_elements;
-                    visit(start, in_page, load_row(rows, page_rows.data(), in_page * dim));
+                    visit(start, in_page, rows);
                 }
             };
             if (used_pages > 0) prefetch_page<3>(v_pages + table[0] * page_elements, page_elements);
-            each_page(k_pages, true, [&](int64_t start, int64_t in_page, const float* keys) {
-                for (int g = 0; g < group; ++g)
-                    page_logits<DIM>(query.data() + g * dim, keys, in_page, dim, probs.data() + g * slots + start);
+            each_page(k_pages, true, [&](int64_t start, int64_t in_page, const T* keys) {
+#if defined(KV_HAVE_AMX)
+                if constexpr (kAmxShape) {
+                    if (on_amx) {
+                        amx_page_logits<DIM>(keys, q_pairs.data(), group, in_page, scale, slots, probs.data() + start,
+                                             tile_out);
+                        return;
+                    }
+                }
+#endif
+                page_logits<DIM>(query.data(), group, keys, in_page, dim, slots, probs.data() + start,
+                                 page_rows.data());
             });
             for (int g = 0; g < group; ++g) {
                 float* p = probs.data() + g * slots;
@@ -174,10 +286,9 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
             }
 
             std::fill(acc.begin(), acc.end(), 0.0f);
-            each_page(v_pages, false, [&](int64_t start, int64_t in_page, const float* values) {
-                for (int g = 0; g < group; ++g)
-                    page_accumulate<DIM>(probs.data() + g * slots + start, values, in_page, dim,
-                                         acc.data() + g * dim);
+            each_page(v_pages, false, [&](int64_t start, int64_t in_page, const T* values) {
+                page_accumulate<DIM>(probs.data() + start, group, slots, values, in_page, dim, acc.data(),
+                                     page_rows.data());
             });
             T* out_group = out + (b * q_heads + h * group) * dim;
             for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) out_group[i] = from_f32<T>(acc[i]);
@@ -199,6 +310,9 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                 std::fill(maxes + len, maxes + slots, 0.0f);
             }
         }
+#if defined(KV_HAVE_AMX)
+        if (on_amx) _tile_release();
+#endif
     }
 }
 
