@@ -84,9 +84,19 @@ class AsyncEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        out_queue = self._queues.get(request_id)
-        if out_queue is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(out_queue.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand items to their requests' queues from the engine thread: one wake-up of the event loop
+        for a whole step's outputs, not one per request."""
+        if items and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._put_all, items)
+
+    def _put_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        for request_id, item in items:
+            out_queue = self._queues.get(request_id)
+            if out_queue is not None:
+                out_queue.put_nowait(item)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -113,10 +123,9 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_all([(out.request_id, out) for out in self.engine.step()])
         except BaseException as e:  # the loop is dead: tell every waiting request, and /health
             log.exception("engine loop died")
             self.error = e
-            for request_id in list(self._queues):
-                self._deliver(request_id, EngineDeadError(f"engine loop died: {e}"))
+            dead = EngineDeadError(f"engine loop died: {e}")
+            self._deliver_all([(request_id, dead) for request_id in list(self._queues)])
