@@ -2,7 +2,7 @@
 // The shapes and the contract are paged_decode_ref's (kernels/paged_decode.py). One task is one
 // (sequence, KV head) pair with its G query heads. Keys and values are read once, in place, a page at a
 // time (the next ones prefetched), each key and value row loaded once for all G heads and converted
-// to float32 in registers. On AMX, a bfloat16 page's logits are one tile product (amx_page_logits);
+// to float32 in registers. On AMX, a bfloat16 page's logits are one tile product (AmxLogits);
 // elsewhere, and for the values, AVX-512 float32 products.
 #include <algorithm>
 #include <cmath>
@@ -138,41 +138,100 @@ static inline void page_accumulate(const float* __restrict weights, int group, i
 }
 
 #if defined(KV_HAVE_AMX)
-// A page's logits on AMX tiles, for bfloat16 pages of 16 slots: logits^T [16 slots, G] =
-// K_page [16, DIM] . Q^T, the page itself the A operand (its rows are the tile's rows, no copy) and
-// the G queries the B operand, in the pair order TDPBF16PS reads (q_pairs[t][p][g][j] =
-// q[g][32 t + 2 p + j]). Products of bfloat16 values are exact in float32, so the logits are the
-// AVX-512 path's up to the order of the float32 sums; the keys' compute per page drops ~4x (1.36x
-// on the whole kernel with pages in cache, 1.1-1.2x on an engine's decode steps). Tiles: 0 the
-// logits, 1-2 and 3-4 alternate as (A, B) over the 32-dim chunks. Slots past `count` hold whatever
-// the page holds (NaN, say): each logit row reads only its own slot, and those rows are dropped.
+// Logits on AMX tiles, for bfloat16 pages of 16 slots and head sizes of 32 - 128: a page's logits^T
+// [16 slots, G] = K_page [16, DIM] . Q^T, the page itself the A operand (its rows are the tile's
+// rows, no copy) and the G queries the B operand, loaded once per task in the pair order TDPBF16PS
+// reads (q_pairs[t][p][g][j] = q[g][32 t + 2 p + j]). Products of bfloat16 values are exact in
+// float32, so the logits are the AVX-512 path's up to the order of the float32 sums, and the keys'
+// compute per page drops ~4x. A page's products go to tile 0 or 5 by turns, and a page's logits are
+// read out only after the next page's products are issued: reading a tile waits for its products'
+// latency, which would otherwise be paid on every page. Slots past a page's count hold whatever the
+// page holds (NaN, say): each logit row reads only its own slot, and those rows are dropped.
+// Tiles: 0, 5 the logits; 1, 3 the keys of alternate 32-dim chunks; 2, 4, 6, 7 the queries of chunks 0-3.
 template <int DIM>
-static inline void amx_page_logits(const bf16* __restrict keys, const bf16* __restrict q_pairs, int group,
-                                   int64_t count, float scale, int64_t stride, float* __restrict logits,
-                                   float* __restrict tile_out) {
-    _tile_zero(0);
-    for (int t = 0; t < DIM / 32; ++t) {
-        const bf16* pairs = q_pairs + t * kTileRows * group * 2;
-        if (t % 2 == 0) {
-            _tile_loadd(1, keys + 32 * t, DIM * sizeof(bf16));
-            _tile_loadd(2, pairs, 4 * group);
-            _tile_dpbf16ps(0, 1, 2);
-        } else {
-            _tile_loadd(3, keys + 32 * t, DIM * sizeof(bf16));
-            _tile_loadd(4, pairs, 4 * group);
-            _tile_dpbf16ps(0, 3, 4);
+class AmxLogits {
+  public:
+    static_assert(DIM % 32 == 0 && DIM <= 128, "one B tile per 32-dim chunk, four at most");
+
+    static void configure(int group) {
+        const int64_t rows = kTileRows, narrow = 4 * group;  // a row of G float32 or G bfloat16 pairs
+        configure_tiles({rows, rows, rows, rows, rows, rows, rows, rows},
+                        {narrow, 64, narrow, 64, narrow, narrow, narrow, narrow});
+    }
+
+    // a task's queries into their B tiles
+    AmxLogits(const bf16* q_pairs, int group, float scale, int64_t stride, float* logits)
+        : group_(group), scale_(scale), stride_(stride), logits_(logits) {
+        const int64_t chunk = kTileRows * group * 2, bytes = 4 * group;
+        _tile_loadd(2, q_pairs, bytes);
+        if constexpr (DIM >= 64) _tile_loadd(4, q_pairs + chunk, bytes);
+        if constexpr (DIM >= 96) _tile_loadd(6, q_pairs + 2 * chunk, bytes);
+        if constexpr (DIM >= 128) _tile_loadd(7, q_pairs + 3 * chunk, bytes);
+    }
+
+    // the page of `count` slots starting at slot `start`
+    void add(const bf16* keys, int64_t start, int64_t count) {
+        products(keys, pages_ % 2 == 1);
+        if (pages_ > 0) read_out(pages_ % 2 == 0);
+        pending_start_ = start;
+        pending_count_ = count;
+        ++pages_;
+    }
+
+    void finish() {
+        if (pages_ > 0) read_out(pages_ % 2 == 0);
+    }
+
+  private:
+    // _tile_* take their tile registers as literals: a page's products are spelled out for each tile
+#define KV_PAGE_PRODUCTS(LOGITS)                          \
+    do {                                                  \
+        constexpr int64_t stride = DIM * sizeof(bf16);    \
+        _tile_zero(LOGITS);                               \
+        _tile_loadd(1, keys, stride);                     \
+        _tile_dpbf16ps(LOGITS, 1, 2);                     \
+        if constexpr (DIM >= 64) {                        \
+            _tile_loadd(3, keys + 32, stride);            \
+            _tile_dpbf16ps(LOGITS, 3, 4);                 \
+        }                                                 \
+        if constexpr (DIM >= 96) {                        \
+            _tile_loadd(1, keys + 64, stride);            \
+            _tile_dpbf16ps(LOGITS, 1, 6);                 \
+        }                                                 \
+        if constexpr (DIM >= 128) {                       \
+            _tile_loadd(3, keys + 96, stride);            \
+            _tile_dpbf16ps(LOGITS, 3, 7);                 \
+        }                                                 \
+    } while (0)
+
+    static void products(const bf16* keys, bool odd) {
+        if (odd) KV_PAGE_PRODUCTS(5);
+        else KV_PAGE_PRODUCTS(0);
+    }
+#undef KV_PAGE_PRODUCTS
+
+    // the pending page's logits, from tile 5 when `odd` (its products went there), else tile 0
+    void read_out(bool odd) {
+        if (odd) _tile_stored(5, tile_, 4 * group_);
+        else _tile_stored(0, tile_, 4 * group_);
+        const __mmask16 mask = first_lanes(pending_count_);
+        const __m512i rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(group_));
+        for (int g = 0; g < group_; ++g) {
+            const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask,
+                                                           _mm512_add_epi32(rows, _mm512_set1_epi32(g)), tile_, 4);
+            _mm512_mask_storeu_ps(logits_ + g * stride_ + pending_start_, mask,
+                                  _mm512_mul_ps(column, _mm512_set1_ps(scale_)));
         }
     }
-    _tile_stored(0, tile_out, 4 * group);
-    const __mmask16 mask = first_lanes(count);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(group));
-    for (int g = 0; g < group; ++g) {
-        const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask,
-                                                       _mm512_add_epi32(rows, _mm512_set1_epi32(g)), tile_out, 4);
-        _mm512_mask_storeu_ps(logits + g * stride, mask, _mm512_mul_ps(column, _mm512_set1_ps(scale)));
-    }
-}
+
+    const int group_;
+    const float scale_;
+    const int64_t stride_;
+    float* const logits_;
+    alignas(64) float tile_[kTileRows * kTileRows];
+    int64_t pages_ = 0, pending_start_ = 0, pending_count_ = 0;
+};
 #endif
 
 // Pages lie anywhere in a pool of gigabytes, where the hardware prefetcher cannot follow: while one
@@ -199,9 +258,9 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
     const int64_t slots = static_cast<int64_t>(pages) * block_size;
     const int64_t page_elements = static_cast<int64_t>(block_size) * dim;
     // the logits on AMX tiles: bfloat16 pages of one tile's 16 rows, head sizes of whole 32-dim chunks
-    // and at most 16 query heads per KV head (one B tile's columns)
+    // up to 128 and at most 16 query heads per KV head (one B tile's columns)
 #if defined(KV_HAVE_AMX)
-    constexpr bool kAmxShape = std::is_same_v<T, bf16> && DIM > 0 && DIM % 32 == 0;
+    constexpr bool kAmxShape = std::is_same_v<T, bf16> && DIM > 0 && DIM % 32 == 0 && DIM <= 128;
     const bool on_amx = kAmxShape && block_size == kTileRows && group <= kTileRows && amx_permitted();
 #else
     constexpr bool kAmxShape = false, on_amx = false;
@@ -214,10 +273,8 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
         std::vector<float> page_rows(page_elements);
         std::vector<bf16> q_pairs(on_amx ? static_cast<size_t>(group) * dim : 0);
 #if defined(KV_HAVE_AMX)
-        alignas(64) float tile_out[kTileRows * kTileRows];
-        if (on_amx)
-            configure_tiles({kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, 0, 0, 0},
-                            {4 * group, 64, 4 * group, 64, 4 * group, 0, 0, 0});
+        if constexpr (kAmxShape)
+            if (on_amx) AmxLogits<DIM>::configure(group);
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < static_cast<int64_t>(batch) * kv_heads; ++item) {
@@ -255,19 +312,24 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                 }
             };
             if (used_pages > 0) prefetch_page<3>(v_pages + table[0] * page_elements, page_elements);
-            each_page(k_pages, true, [&](int64_t start, int64_t in_page, const T* keys) {
+            bool logits_done = false;
 #if defined(KV_HAVE_AMX)
-                if constexpr (kAmxShape) {
-                    if (on_amx) {
-                        amx_page_logits<DIM>(keys, q_pairs.data(), group, in_page, scale, slots, probs.data() + start,
-                                             tile_out);
-                        return;
-                    }
+            if constexpr (kAmxShape) {
+                if (on_amx) {
+                    AmxLogits<DIM> logits(q_pairs.data(), group, scale, slots, probs.data());
+                    each_page(k_pages, true, [&](int64_t start, int64_t in_page, const T* keys) {
+                        logits.add(keys, start, in_page);
+                    });
+                    logits.finish();
+                    logits_done = true;
                 }
+            }
 #endif
-                page_logits<DIM>(query.data(), group, keys, in_page, dim, slots, probs.data() + start,
-                                 page_rows.data());
-            });
+            if (!logits_done)
+                each_page(k_pages, true, [&](int64_t start, int64_t in_page, const T* keys) {
+                    page_logits<DIM>(query.data(), group, keys, in_page, dim, slots, probs.data() + start,
+                                     page_rows.data());
+                });
             for (int g = 0; g < group; ++g) {
                 float* p = probs.data() + g * slots;
                 float top = -INFINITY;
