@@ -42,7 +42,9 @@ static inline void configure_tiles(const int64_t (&rows)[8], const int64_t (&byt
         config.rows[t] = static_cast<uint8_t>(rows[t]);
         config.colsb[t] = static_cast<uint16_t>(rows[t] ? bytes[t] : 0);
     }
-    _tile_loadconfig(&config);
+    // not _tile_loadconfig: gcc 12's declares a read of 8 bytes only, so the compiler may drop or sink
+    // the stores of the rest of the configuration (seen: an invalid configuration and a crash)
+    __asm__ volatile("ldtilecfg %0" ::"m"(config));
 }
 #endif
 
