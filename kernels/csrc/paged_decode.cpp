@@ -161,7 +161,9 @@ class AmxLogits {
 
     // a task's queries into their B tiles
     AmxLogits(const bf16* q_pairs, int group, float scale, int64_t stride, float* logits)
-        : group_(group), scale_(scale), stride_(stride), logits_(logits) {
+        : group_(group), scale_(scale), stride_(stride), logits_(logits),
+          slot_rows_(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(group))) {
         const int64_t chunk = kTileRows * group * 2, bytes = 4 * group;
         _tile_loadd(2, q_pairs, bytes);
         if constexpr (DIM >= 64) _tile_loadd(4, q_pairs + chunk, bytes);
@@ -215,11 +217,9 @@ class AmxLogits {
         if (odd) _tile_stored(5, tile_, 4 * group_);
         else _tile_stored(0, tile_, 4 * group_);
         const __mmask16 mask = first_lanes(pending_count_);
-        const __m512i rows = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(group_));
         for (int g = 0; g < group_; ++g) {
             const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask,
-                                                           _mm512_add_epi32(rows, _mm512_set1_epi32(g)), tile_, 4);
+                                                           _mm512_add_epi32(slot_rows_, _mm512_set1_epi32(g)), tile_, 4);
             _mm512_mask_storeu_ps(logits_ + g * stride_ + pending_start_, mask,
                                   _mm512_mul_ps(column, _mm512_set1_ps(scale_)));
         }
@@ -229,6 +229,7 @@ class AmxLogits {
     const float scale_;
     const int64_t stride_;
     float* const logits_;
+    const __m512i slot_rows_;  // where slot j's row starts in the stored tile: j * G
     alignas(64) float tile_[kTileRows * kTileRows];
     int64_t pages_ = 0, pending_start_ = 0, pending_count_ = 0;
 };
@@ -312,7 +313,6 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                 }
             };
             if (used_pages > 0) prefetch_page<3>(v_pages + table[0] * page_elements, page_elements);
-            bool logits_done = false;
 #if defined(KV_HAVE_AMX)
             if constexpr (kAmxShape) {
                 if (on_amx) {
@@ -321,11 +321,10 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                         logits.add(keys, start, in_page);
                     });
                     logits.finish();
-                    logits_done = true;
                 }
             }
 #endif
-            if (!logits_done)
+            if (!on_amx)
                 each_page(k_pages, true, [&](int64_t start, int64_t in_page, const T* keys) {
                     page_logits<DIM>(query.data(), group, keys, in_page, dim, slots, probs.data() + start,
                                      page_rows.data());
