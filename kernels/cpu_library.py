@@ -44,11 +44,13 @@ SIGNATURES = {
     "kv_amx_available": [],
     "kv_amx_pack": [_ptr, _i64, _i64, _ptr, _i32],
     "kv_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i32, _ptr, _i32],
+    "kv_paged_prefill": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64,
+                         _i64, _f32, _ptr, _i32],
 }
 
 
 # the functions that return a value; every other one returns nothing
-RESULT_TYPES = {"kv_amx_available": ctypes.c_int}
+RESULT_TYPES = {"kv_amx_available": ctypes.c_int, "kv_paged_prefill": ctypes.c_int}
 
 
 def _compiler() -> str | None:

@@ -18,7 +18,9 @@ returns
                       min(window, n_b) queries of the chunk (SnapKV's, ThinK's and H2O's prefill
                       observation). None otherwise.
 
-`paged_prefill_ref` is the torch reference (the CPU path), `paged_prefill` the Triton version.
+`paged_prefill_ref` is the torch reference (the CPU path for float32 and observation windows),
+`paged_prefill_cpu` runs bfloat16 through the compiled AMX kernel (kernels/csrc/paged_prefill.cpp),
+`paged_prefill` is the Triton version.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kvserve.kernels import amx_linear, cpu_library
 from kvserve.kernels.paged_decode import dot_precision, gather_pages, partition_size_for
 
 
@@ -106,6 +109,32 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
                                                   enable_gqa=True)
         out[lo:hi] = attn[0, :, :n].transpose(0, 1)
     return out, window_scores
+
+
+def paged_prefill_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                      window: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`paged_prefill_ref`'s contract on the CPU: bfloat16 attention without an observation window runs
+    the compiled AMX kernel (kernels/csrc/paged_prefill.cpp) where the CPU has AMX, pages hold 16
+    slots and head_dim is 64 or 128; everything else runs the reference."""
+    batch, kv_heads, _ = block_tables.shape
+    tokens, q_heads, dim = q.shape
+    eligible = (q.dtype == torch.bfloat16 and k_pages.dtype == torch.bfloat16 and k_pages.shape[1] == 16
+                and dim in (64, 128) and q.stride(2) == 1 and per_sequence_windows(window, batch) is None
+                and amx_linear.available())
+    if eligible:
+        tables = block_tables.to(torch.int32)
+        tables = tables if tables.stride(2) == 1 else tables.contiguous()
+        lens = seq_lens.to(torch.int32)
+        starts = query_start_loc.to(torch.int64).contiguous()
+        out = torch.empty(tokens, q_heads, dim, dtype=torch.bfloat16)
+        if cpu_library.library().kv_paged_prefill(
+                q.data_ptr(), q.stride(0), q.stride(1), k_pages.data_ptr(), v_pages.data_ptr(), tables.data_ptr(),
+                tables.stride(0), tables.stride(1), lens.data_ptr(), lens.stride(0),
+                lens.stride(1), starts.data_ptr(), batch, kv_heads, q_heads // kv_heads, dim, scale, out.data_ptr(),
+                cpu_library.threads()):
+            return out, None
+    return paged_prefill_ref(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale, window)
 
 
 @triton.jit

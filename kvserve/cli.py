@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     engine_bench.add_argument("--hf-sequential", type=int, default=4,
                               help="requests timed through transformers one at a time (its rate is per token)")
     engine_bench.add_argument("--skip-hf", action="store_true", help="do not run the transformers baselines")
+    engine_bench.add_argument("--rounds", type=int, default=3,
+                              help="rounds of kvserve then transformers' padded batch; each figure is the median "
+                                   "over rounds, each ratio the median of the rounds' ratios")
     policy_bench = bench_kinds.add_parser("policies", help="concurrent long sequences per policy at a fixed KV size")
     add_engine_args(policy_bench)
     add_concurrency_args(policy_bench)

@@ -13,6 +13,7 @@ import torch
 from kvserve.attention.backend import create_backend
 from kvserve.kernels import amx_linear, cpu_library, pointwise
 from kvserve.kernels import paged_decode as decode
+from kvserve.kernels import paged_prefill as prefill
 from kvserve.kernels.argmax import argmax_rows, argmax_rows_ref
 from kvserve.kernels.store_kv import store_kv_cpu, store_kv_ref
 from tests.helpers import needs_amx
@@ -81,6 +82,77 @@ def test_paged_decode_cpu_takes_pages_of_32_slots(dtype: torch.dtype) -> None:
     assert_close(got_out, out, dtype)
     assert_close(got_lse, lse, dtype)
     assert_close(got_sums, sums, dtype)
+
+
+def prefill_inputs(chunks: list[int], lens: list[list[int]], group: int, dim: int, dtype: torch.dtype
+                   ) -> tuple:
+    """A layer view holding `lens` [B][Hkv] (each chunk's own keys included) and the chunks' queries,
+    a strided slice of a fused qkv projection as the model hands them over."""
+    cache, tables, lens_view = layer_view(lens, dim, dtype)
+    kv_heads = lens_view.shape[1]
+    tokens = sum(chunks)
+    qkv = torch.randn(tokens, (group + 2) * kv_heads * dim).to(dtype)
+    q = qkv[:, :group * kv_heads * dim].view(tokens, group * kv_heads, dim)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(chunks).cumsum(0)])
+    return cache, tables, lens_view, q, starts
+
+
+@needs_amx
+@pytest.mark.parametrize(("chunks", "lens", "group", "dim"), [
+    pytest.param([1], [[1, 1]], 4, 64, id="single-token-prompt"),
+    pytest.param([20], [[20, 20]], 1, 64, id="prompt-without-context"),
+    pytest.param([2, 19, 7], [[40, 19], [19, 33], [7, 60]], 3, 64, id="context-ragged-heads-gqa3"),
+    pytest.param([40, 3], [[120, 41, 40], [3, 50, 17]], 4, 128, id="gqa4-head-dim-128"),
+    pytest.param([130], [[150, 135]], 1, 64, id="nine-query-tiles"),  # 8 of 16 queries and a tail of 2
+    pytest.param([33, 16], [[70, 33], [16, 47]], 8, 128, id="gqa8-head-dim-128"),
+])
+def test_paged_prefill_cpu_matches_reference(chunks: list[int], lens: list[list[int]], group: int, dim: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, tables, lens_view, q, starts = prefill_inputs(chunks, lens, group, dim, torch.bfloat16)
+    out, _ = prefill.paged_prefill_ref(q, cache.k_pages, cache.v_pages, tables, lens_view, starts, SCALE)
+
+    def no_fallback(*args: object) -> None:
+        raise AssertionError("bfloat16 prefill without a window must run the AMX kernel")
+
+    monkeypatch.setattr(prefill, "paged_prefill_ref", no_fallback)
+    # slots no page list holds are NaN: a key read past a head's length shows
+    got, window = prefill.paged_prefill_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens_view, starts, SCALE)
+    assert window is None and got.dtype == torch.bfloat16
+    assert_close(got, out, torch.bfloat16)
+
+
+@needs_amx
+def test_paged_prefill_cpu_query_does_not_depend_on_its_chunk_or_the_thread_count() -> None:
+    # a query's lane, keys and summation order are its own: the same prompt prefilled in one chunk or
+    # in two, on one thread or two, gives the same bits
+    cache, tables, lens_view, q, _ = prefill_inputs([50], [[50, 50]], 3, 64, torch.bfloat16)
+    whole, _ = prefill.paged_prefill_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens_view,
+                                         torch.tensor([0, 50]), SCALE)
+    tail, _ = prefill.paged_prefill_cpu(q[21:], cache.k_poisoned, cache.v_poisoned, tables, lens_view,
+                                        torch.tensor([0, 29]), SCALE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread, _ = prefill.paged_prefill_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens_view,
+                                                  torch.tensor([0, 50]), SCALE)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(tail, whole[21:])
+    assert torch.equal(one_thread, whole)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_prefill_cpu_observation_windows_and_float32_run_the_reference(dtype: torch.dtype) -> None:
+    cache, tables, lens_view, q, starts = prefill_inputs([9, 30], [[9, 50], [64, 31]], 3, 64, dtype)
+    for window in (8, 0):
+        if dtype == torch.bfloat16 and not window:
+            continue  # the kernel's case
+        expected = prefill.paged_prefill_ref(q, cache.k_pages, cache.v_pages, tables, lens_view, starts, SCALE, window)
+        got = prefill.paged_prefill_cpu(q, cache.k_pages, cache.v_pages, tables, lens_view, starts, SCALE, window)
+        assert torch.equal(got[0], expected[0])
+        assert (got[1] is None) == (expected[1] is None) == (window == 0)
+        if window:
+            assert torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,6 +4,7 @@ model, machine and run, and how close both come to this machine's measured ceili
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -89,6 +90,8 @@ def hf_generate_time(model, prompts: list[list[int]], new_tokens: int) -> float:
 
 
 def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     config.max_num_seqs = max(config.max_num_seqs, args.num_requests)
     engine = LLMEngine(config)
     cfg, dtype = engine.model_config, config.torch_dtype
@@ -96,7 +99,23 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     print(f"model {engine.runner.folder.name}, {dtype}, {torch.get_num_threads()} threads; "
           f"{args.num_requests} requests x {args.input_len} prompt tokens x {args.output_len} generated, greedy")
 
-    ours_tps = ours_throughput(engine, prompts, args.output_len)
+    hf = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(engine.runner.folder, dtype=dtype).eval()
+    # one short request each first: first-call set-up (oneDNN, page first touch) is not throughput
+    ours_throughput(engine, [prompts[0][:32]], 2)
+    if hf is not None:
+        hf_generate_time(hf, [prompts[0][:32]], 2)
+    # ours and transformers' padded batch alternate, so that a busy minute on a shared host lands on
+    # both sides of a round's ratio rather than on one side of the whole comparison
+    ours_runs, hf_batch_runs = [], []
+    for _ in range(args.rounds):
+        ours_runs.append(ours_throughput(engine, prompts, args.output_len))
+        if hf is not None:
+            hf_batch_runs.append(args.num_requests * args.output_len / hf_generate_time(hf, prompts, args.output_len))
+    ours_tps = statistics.median(ours_runs)
     steps = min(args.output_len, 64)
 
     # the workload's matmul FLOPs: prompts (at half their length on average) and generated tokens
@@ -114,29 +133,31 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     best_tps = args.num_requests * args.output_len / floor_s
 
     rows = [("kvserve output tokens/s", ours_tps, None)]
-    if not args.skip_hf:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(engine.runner.folder, dtype=dtype).eval()
+    if hf is not None:
         sequential = prompts[: args.hf_sequential]
         seq_time = sum(hf_generate_time(hf, [p], args.output_len) for p in sequential)
         hf_one_tps = len(sequential) * args.output_len / seq_time
-        hf_batch_tps = args.num_requests * args.output_len / hf_generate_time(hf, prompts, args.output_len)
+        hf_batch_tps = statistics.median(hf_batch_runs)
+        batch_ratio = statistics.median(ours / theirs for ours, theirs in zip(ours_runs, hf_batch_runs))
         rows += [(f"transformers one at a time (first {len(sequential)} requests)", hf_one_tps, ours_tps / hf_one_tps),
-                 ("transformers one padded batch", hf_batch_tps, ours_tps / hf_batch_tps)]
+                 ("transformers one padded batch", hf_batch_tps, batch_ratio)]
 
     # batch-1 latencies are short enough to take the best of BATCH1_REPEATS, alternating ours and
     # theirs, so that a noisy neighbour on a shared host does not decide the ratio
     ours_step = hf_step = float("inf")
     for _ in range(BATCH1_REPEATS):
         ours_step = min(ours_step, ours_decode_latency(engine, prompts[0], steps))
-        if not args.skip_hf:
+        if hf is not None:
             hf_step = min(hf_step, (hf_generate_time(hf, prompts[:1], steps + 1)
                                     - hf_generate_time(hf, prompts[:1], 1)) / steps)
 
     print(f"\n{'throughput':<55}{'tok/s':>10}{'kvserve x':>12}")
     for name, value, ratio in rows:
         print(f"{name:<55}{value:>10.1f}{'' if ratio is None else f'{ratio:.2f}x':>12}")
+    if args.rounds > 1:
+        what, by_round = ("kvserve", [f"{ours:.0f}" for ours in ours_runs]) if hf is None else (
+            "kvserve / padded batch", [f"{ours:.0f} / {theirs:.0f}" for ours, theirs in zip(ours_runs, hf_batch_runs)])
+        print(f"  medians of {args.rounds} rounds; {what} tok/s by round: {', '.join(by_round)}")
     print(f"\n{f'batch-1 decode (best of {BATCH1_REPEATS})':<55}{'ms/token':>10}{'time ratio':>12}")
     print(f"{'kvserve':<55}{ours_step * 1e3:>10.1f}")
     if not args.skip_hf:
