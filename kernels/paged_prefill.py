@@ -120,9 +120,11 @@ def paged_prefill_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     batch, kv_heads, _ = block_tables.shape
     tokens, q_heads, dim = q.shape
     eligible = (q.dtype == torch.bfloat16 and k_pages.dtype == torch.bfloat16 and k_pages.shape[1] == 16
-                and dim in (64, 128) and q.stride(2) == 1 and per_sequence_windows(window, batch) is None
-                and amx_linear.available())
+                and dim in (64, 128) and per_sequence_windows(window, batch) is None and amx_linear.available())
     if eligible:
+        # the kernel reads each query's dims in 32-bit pairs
+        if q.stride(2) != 1 or q.stride(0) % 2 or q.stride(1) % 2:
+            q = q.contiguous()
         tables = block_tables.to(torch.int32)
         tables = tables if tables.stride(2) == 1 else tables.contiguous()
         lens = seq_lens.to(torch.int32)

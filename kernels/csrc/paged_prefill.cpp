@@ -69,9 +69,9 @@ struct PrefillScratch {
 };
 
 // One (sequence, KV head, 16 queries) task, head_dim = 32 * DIM_TILES, all query heads of the group.
-// `values_t` is the sequence-head's V^T [dim][padded keys], zero past its length.
+// `values_t` is the sequence-head's V^T [dim][vt_stride], zero past its length.
 template <int DIM_TILES>
-static void prefill_task(const PrefillShape& s, const Task& task, const bf16* values_t, int64_t padded_keys,
+static void prefill_task(const PrefillShape& s, const Task& task, const bf16* values_t, int64_t vt_stride,
                          PrefillScratch& scratch) {
     constexpr int64_t dim = 32 * DIM_TILES;
     const int64_t token0 = s.starts[task.seq] + task.first_query;
@@ -91,45 +91,70 @@ static void prefill_task(const PrefillShape& s, const Task& task, const bf16* va
     const __m512i pair_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 
+    const __mmask16 present = first_lanes(queries);
+    // each query's row offset in 32-bit pairs (the wrapper passes even strides)
+    const __m512i query_rows =
+        _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(s.q_token_stride / 2)));
     for (int64_t g = 0; g < s.group; ++g) {
         const int64_t head = task.kv_head * s.group + g;
-        // Q's B tiles: row p of dim tile t holds each query's dims (32 t + 2 p, 32 t + 2 p + 1)
-        std::memset(scratch.queries, 0, sizeof(scratch.queries));
-        for (int64_t n = 0; n < queries; ++n) {
-            const auto* row = reinterpret_cast<const uint32_t*>(s.q + (token0 + n) * s.q_token_stride
-                                                                + head * s.q_head_stride);
-            for (int t = 0; t < DIM_TILES; ++t)
-                for (int64_t p = 0; p < kTileRows; ++p) scratch.queries[t][p][n] = row[t * kTileRows + p];
-        }
+        // Q's B tiles: row p of dim tile t holds each query's dims (32 t + 2 p, 32 t + 2 p + 1), one
+        // 32-bit pair per query, gathered (lanes past the chunk's queries are zero)
+        const auto* pairs =
+            reinterpret_cast<const int*>(s.q + token0 * s.q_token_stride + head * s.q_head_stride);
+        for (int t = 0; t < DIM_TILES; ++t)
+            for (int64_t p = 0; p < kTileRows; ++p)
+                _mm512_store_si512(scratch.queries[t][p], _mm512_mask_i32gather_epi32(
+                    _mm512_setzero_si512(), present, query_rows, pairs + t * kTileRows + p, 4));
+        // (tiles 3-6; P V below reuses them, so each head loads its own)
         _tile_loadd(3, scratch.queries[0], 64);
         if constexpr (DIM_TILES > 1) _tile_loadd(4, scratch.queries[1], 64);
         if constexpr (DIM_TILES > 2) _tile_loadd(5, scratch.queries[2], 64);
         if constexpr (DIM_TILES > 3) _tile_loadd(6, scratch.queries[3], 64);
 
-        // pass 1: S^T a page at a time; invisible logits become -inf; the max of each query
-        __m512 row_max = _mm512_set1_ps(-INFINITY);
+        // pass 1: S^T a page at a time; invisible logits become -inf; the max of each query. Two
+        // logit tiles (0 and 7) alternate: a page's products are issued before the previous page's
+        // logits are stored and read, so the tile products' latency overlaps that work. Four running
+        // maxima, so that a page's 16 rows are not one chain of dependent max operations.
+        __m512 row_max[4] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY),
+                             _mm512_set1_ps(-INFINITY)};
         constexpr int64_t key_bytes = dim * static_cast<int64_t>(sizeof(bf16));
+        const auto page_keys = [&](int64_t pg) {
+            return s.k_pages + static_cast<int64_t>(table[pg]) * kPageSlots * dim;
+        };
+// a page's logits into tile `acc` (a literal: tile ids are encoded in the instructions)
+#define KV_PAGE_LOGITS(acc, page)                          \
+    do {                                                   \
+        const bf16* keys_ = (page);                        \
+        _tile_zero(acc);                                   \
+        _tile_loadd(1, keys_, key_bytes);                  \
+        _tile_dpbf16ps(acc, 1, 3);                         \
+        if constexpr (DIM_TILES > 1) {                     \
+            _tile_loadd(2, keys_ + 32, key_bytes);         \
+            _tile_dpbf16ps(acc, 2, 4);                     \
+        }                                                  \
+        if constexpr (DIM_TILES > 2) {                     \
+            _tile_loadd(1, keys_ + 64, key_bytes);         \
+            _tile_dpbf16ps(acc, 1, 5);                     \
+        }                                                  \
+        if constexpr (DIM_TILES > 3) {                     \
+            _tile_loadd(2, keys_ + 96, key_bytes);         \
+            _tile_dpbf16ps(acc, 2, 6);                     \
+        }                                                  \
+    } while (0)
+        KV_PAGE_LOGITS(0, page_keys(0));
         for (int64_t pg = 0; pg < pages; ++pg) {
-            const bf16* page = s.k_pages + static_cast<int64_t>(table[pg]) * kPageSlots * dim;
-            _tile_zero(0);
-            _tile_loadd(1, page, key_bytes);
-            _tile_dpbf16ps(0, 1, 3);
-            if constexpr (DIM_TILES > 1) {
-                _tile_loadd(2, page + 32, key_bytes);
-                _tile_dpbf16ps(0, 2, 4);
-            }
-            if constexpr (DIM_TILES > 2) {
-                _tile_loadd(1, page + 64, key_bytes);
-                _tile_dpbf16ps(0, 1, 5);
-            }
-            if constexpr (DIM_TILES > 3) {
-                _tile_loadd(2, page + 96, key_bytes);
-                _tile_dpbf16ps(0, 2, 6);
-            }
             float* logits = scratch.logits.data() + pg * kPageSlots * kQueries;
-            _tile_stored(0, logits, 64);
-            if ((pg + 1) * kPageSlots <= std::min(first_visible_end, keys)) {  // every lane sees every key
-                for (int64_t r = 0; r < kPageSlots; ++r) row_max = _mm512_max_ps(row_max, _mm512_loadu_ps(logits + r * kQueries));
+            const bool next = pg + 1 < pages;
+            if (pg % 2 == 0) {
+                if (next) KV_PAGE_LOGITS(7, page_keys(pg + 1));
+                _tile_stored(0, logits, 64);
+            } else {
+                if (next) KV_PAGE_LOGITS(0, page_keys(pg + 1));
+                _tile_stored(7, logits, 64);
+            }
+            if ((pg + 1) * kPageSlots <= first_visible_end) {  // every lane sees every key of the page
+                for (int64_t r = 0; r < kPageSlots; ++r)
+                    row_max[r % 4] = _mm512_max_ps(row_max[r % 4], _mm512_loadu_ps(logits + r * kQueries));
                 continue;
             }
             for (int64_t r = 0; r < kPageSlots; ++r) {
@@ -143,13 +168,16 @@ static void prefill_task(const PrefillShape& s, const Task& task, const bf16* va
                 const __m512 row = _mm512_mask_blend_ps(visible, _mm512_set1_ps(-INFINITY),
                                                         _mm512_loadu_ps(logits + r * kQueries));
                 _mm512_storeu_ps(logits + r * kQueries, row);
-                row_max = _mm512_max_ps(row_max, row);
+                row_max[r % 4] = _mm512_max_ps(row_max[r % 4], row);
             }
         }
+#undef KV_PAGE_LOGITS
 
         // pass 2: P^T = exp(S^T - max), summed per query and interleaved in key pairs as bfloat16
-        const __m512 shift = _mm512_mul_ps(row_max, _mm512_set1_ps(log2_scale));
-        __m512 row_sum = _mm512_setzero_ps();
+        const __m512 query_max = _mm512_max_ps(_mm512_max_ps(row_max[0], row_max[1]),
+                                               _mm512_max_ps(row_max[2], row_max[3]));
+        const __m512 shift = _mm512_mul_ps(query_max, _mm512_set1_ps(log2_scale));
+        __m512 sum_even = _mm512_setzero_ps(), sum_odd = _mm512_setzero_ps();
         const __m512 scale2 = _mm512_set1_ps(log2_scale);
         for (int64_t pair = 0; pair < key_blocks * kTileRows; ++pair) {
             __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
@@ -158,18 +186,19 @@ static void prefill_task(const PrefillShape& s, const Task& task, const bf16* va
                 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(logits), scale2, shift));
                 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(logits + kQueries), scale2, shift));
             }
-            row_sum = _mm512_add_ps(row_sum, _mm512_add_ps(p0, p1));
+            sum_even = _mm512_add_ps(sum_even, p0);
+            sum_odd = _mm512_add_ps(sum_odd, p1);
             const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
             _mm512_storeu_si512(scratch.probs.data() + pair * 2 * kQueries,
                                 _mm512_permutexvar_epi16(pair_order, both));
         }
         alignas(64) float inverse_sum[kQueries];
-        _mm512_store_ps(inverse_sum, _mm512_div_ps(_mm512_set1_ps(1.0f), row_sum));
+        _mm512_store_ps(inverse_sum, _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sum_even, sum_odd)));
 
         // out^T = V^T P^T, 64 dims at a time in four accumulators (tiles 4-7)
-        const int64_t vt_bytes = padded_keys * static_cast<int64_t>(sizeof(bf16));
+        const int64_t vt_bytes = vt_stride * static_cast<int64_t>(sizeof(bf16));
         for (int64_t half = 0; half < dim / 64; ++half) {
-            const bf16* vt = values_t + half * 64 * padded_keys;
+            const bf16* vt = values_t + half * 64 * vt_stride;
             _tile_zero(4);
             _tile_zero(5);
             _tile_zero(6);
@@ -179,11 +208,11 @@ static void prefill_task(const PrefillShape& s, const Task& task, const bf16* va
                 _tile_loadd(3, scratch.probs.data() + block * kTileElements, 64);
                 _tile_loadd(1, vt_block, vt_bytes);
                 _tile_dpbf16ps(4, 1, 3);
-                _tile_loadd(2, vt_block + 16 * padded_keys, vt_bytes);
+                _tile_loadd(2, vt_block + 16 * vt_stride, vt_bytes);
                 _tile_dpbf16ps(5, 2, 3);
-                _tile_loadd(1, vt_block + 32 * padded_keys, vt_bytes);
+                _tile_loadd(1, vt_block + 32 * vt_stride, vt_bytes);
                 _tile_dpbf16ps(6, 1, 3);
-                _tile_loadd(2, vt_block + 48 * padded_keys, vt_bytes);
+                _tile_loadd(2, vt_block + 48 * vt_stride, vt_bytes);
                 _tile_dpbf16ps(7, 2, 3);
             }
             _tile_stored(4, scratch.out_t[0], 64);
@@ -202,34 +231,36 @@ static void prefill_task(const PrefillShape& s, const Task& task, const bf16* va
                 }
             }
         }
-        // the next head's queries go back into tiles 3-6
     }
 }
 
-// V^T [dim][padded keys] of one sequence and KV head, zero past its length
-static void pack_values_t(const PrefillShape& s, int64_t seq, int64_t kv_head, bf16* values_t, int64_t padded_keys) {
+// V^T [dim][vt_stride] of one sequence and KV head, zero past its length
+static void pack_values_t(const PrefillShape& s, int64_t seq, int64_t kv_head, bf16* values_t, int64_t vt_stride) {
     const int64_t len = s.lens[seq * s.len_seq_stride + kv_head * s.len_head_stride];
     const int32_t* table = s.tables + seq * s.table_seq_stride + kv_head * s.table_head_stride;
-    std::memset(values_t, 0, static_cast<size_t>(s.dim * padded_keys) * sizeof(bf16));
+    std::memset(values_t, 0, static_cast<size_t>(s.dim * vt_stride) * sizeof(bf16));
     for (int64_t key0 = 0; key0 < len; key0 += kPageSlots) {
         const bf16* page = s.v_pages + static_cast<int64_t>(table[key0 / kPageSlots]) * kPageSlots * s.dim;
         const int64_t count = std::min<int64_t>(kPageSlots, len - key0);
         // a page (2 or 4 KiB) stays in L1 while each dim's 16 keys are written as one run
         for (int64_t d = 0; d < s.dim; ++d)
-            for (int64_t r = 0; r < count; ++r) values_t[d * padded_keys + key0 + r] = page[r * s.dim + d];
+            for (int64_t r = 0; r < count; ++r) values_t[d * vt_stride + key0 + r] = page[r * s.dim + d];
     }
 }
 
 static void paged_prefill(const PrefillShape& s, int64_t batch, int threads) {
     // each sequence-head's V^T, then the tasks, longest first (a chunk's later queries see more keys)
-    std::vector<int64_t> vt_offset(batch * s.kv_heads + 1, 0), padded(batch * s.kv_heads);
+    std::vector<int64_t> vt_offset(batch * s.kv_heads + 1, 0), vt_stride(batch * s.kv_heads);
     std::vector<Task> tasks;
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t chunk = s.starts[b + 1] - s.starts[b];
         for (int64_t h = 0; h < s.kv_heads; ++h) {
             const int64_t len = s.lens[b * s.len_seq_stride + h * s.len_head_stride];
-            padded[b * s.kv_heads + h] = (len + 31) / 32 * 32;
-            vt_offset[b * s.kv_heads + h + 1] = vt_offset[b * s.kv_heads + h] + s.dim * padded[b * s.kv_heads + h];
+            // a row of V^T is a multiple of 32 keys plus 32 more: rows a power of two apart in bytes
+            // would fall into the same few L1 sets (an A tile reads 16 rows, P V four tiles at a time)
+            const int64_t bh = b * s.kv_heads + h;
+            vt_stride[bh] = (len + 31) / 32 * 32 + 32;
+            vt_offset[bh + 1] = vt_offset[bh] + s.dim * vt_stride[bh];
             for (int64_t first = 0; first < chunk; first += kQueries)
                 tasks.push_back({b, h, first, len - chunk + std::min<int64_t>(first + kQueries, chunk)});
         }
@@ -240,16 +271,16 @@ static void paged_prefill(const PrefillShape& s, int64_t batch, int threads) {
     {
 #pragma omp for schedule(dynamic)
         for (int64_t bh = 0; bh < batch * s.kv_heads; ++bh)
-            pack_values_t(s, bh / s.kv_heads, bh % s.kv_heads, values_t.data() + vt_offset[bh], padded[bh]);
+            pack_values_t(s, bh / s.kv_heads, bh % s.kv_heads, values_t.data() + vt_offset[bh], vt_stride[bh]);
         configure_tiles({16, 16, 16, 16, 16, 16, 16, 16}, {64, 64, 64, 64, 64, 64, 64, 64});
         PrefillScratch scratch;
 #pragma omp for schedule(dynamic)
         for (size_t i = 0; i < tasks.size(); ++i) {
             const int64_t bh = tasks[i].seq * s.kv_heads + tasks[i].kv_head;
             if (s.dim == 64)
-                prefill_task<2>(s, tasks[i], values_t.data() + vt_offset[bh], padded[bh], scratch);
+                prefill_task<2>(s, tasks[i], values_t.data() + vt_offset[bh], vt_stride[bh], scratch);
             else
-                prefill_task<4>(s, tasks[i], values_t.data() + vt_offset[bh], padded[bh], scratch);
+                prefill_task<4>(s, tasks[i], values_t.data() + vt_offset[bh], vt_stride[bh], scratch);
         }
         _tile_release();
     }
