@@ -127,6 +127,13 @@ async def merge_streams(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator
 
     On exit (exhausted, error, or closed early) every iterator is closed: pending reads are
     cancelled inside them, so each runs its own cleanup."""
+    if len(streams) == 1:  # the usual n = 1: no task and no wait() per item, which cost ~50 us a token
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
     pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
     try:
         while pending:
