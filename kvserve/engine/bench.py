@@ -160,7 +160,7 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
         print(f"  medians of {args.rounds} rounds; {what} tok/s by round: {', '.join(by_round)}")
     print(f"\n{f'batch-1 decode (best of {BATCH1_REPEATS})':<55}{'ms/token':>10}{'time ratio':>12}")
     print(f"{'kvserve':<55}{ours_step * 1e3:>10.1f}")
-    if not args.skip_hf:
+    if hf is not None:
         print(f"{'transformers':<55}{hf_step * 1e3:>10.1f}{ours_step / hf_step:>11.2f}x")
 
     print("\nceilings measured in this run")
@@ -171,7 +171,7 @@ def run_engine_bench(args: argparse.Namespace, config: EngineConfig) -> int:
           f"those rates, and {kv_bytes / 1e9:.0f} GB of KV cache read by decode attention at copy bandwidth, take "
           f"{floor_s:.1f} s: a ceiling of {best_tps:.0f} output tok/s, of which kvserve reaches "
           f"{ours_tps / best_tps:.0%}")
-    if not args.skip_hf:
+    if hf is not None:
         print(f"  issue targets: 10x transformers one at a time = {10 * hf_one_tps:.0f} tok/s, 3x its padded batch = "
               f"{3 * hf_batch_tps:.0f} tok/s, beside that {best_tps:.0f} tok/s ceiling")
     print(f"  batch-1 decode: {weight_bytes / 2**20:.0f} MiB of weights per step / {ours_step * 1e3:.1f} ms = "
