@@ -66,6 +66,12 @@ static inline __mmask16 first_lanes(int64_t count) {
     return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
 }
 
+// lane i holds i * step: the offsets of 16 rows `step` apart, for gathers
+static inline __m512i lane_offsets(int32_t step) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32(step));
+}
+
 #endif
 
 #if defined(__AVX512BF16__)

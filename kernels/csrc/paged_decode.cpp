@@ -162,8 +162,7 @@ class AmxLogits {
     // a task's queries into their B tiles
     AmxLogits(const bf16* q_pairs, int group, float scale, int64_t stride, float* logits)
         : group_(group), scale_(scale), stride_(stride), logits_(logits),
-          slot_rows_(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                        _mm512_set1_epi32(group))) {
+          slot_rows_(lane_offsets(group)) {
         const int64_t chunk = kTileRows * group * 2, bytes = 4 * group;
         _tile_loadd(2, q_pairs, bytes);
         if constexpr (DIM >= 64) _tile_loadd(4, q_pairs + chunk, bytes);

@@ -8,7 +8,7 @@
 // tiles), so that a row of S^T is one key's logits for the 16 queries: the running max, exp and sum
 // are whole-vector operations, one exp per 16 logits, with no per-row reductions. Two passes over the
 // logits (max, then exp) replace the online rescaling of flash attention: the logits of a task's keys
-// fit in L1/L2, and tile products are cheap next to the exps. The output is computed transposed too,
+// stay in L1/L2 between the passes, so each logit is computed once. The output is computed transposed too,
 // out^T = V^T P^T: V^T (dims x keys) is packed once per sequence and KV head, and P^T's rows, rounded
 // to bfloat16 as torch's flash attention rounds P, are interleaved in key pairs into B tiles.
 #include <omp.h>
@@ -86,15 +86,15 @@ static void prefill_task(const PrefillShape& s, const Task& task, const bf16* va
     scratch.logits.resize(static_cast<size_t>(pages * kPageSlots * kQueries));
     scratch.probs.resize(static_cast<size_t>(key_blocks * kTileElements));
     const float log2_scale = s.scale * 1.4426950408889634f;
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane = lane_offsets(1);
     // interleaves two rows of 16 bfloat16 (p0 in the low half, p1 in the high) into pairs (p0[i], p1[i])
     const __m512i pair_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 
     const __mmask16 present = first_lanes(queries);
+    const __m512i column = lane_offsets(kQueries);  // a column of out^T
     // each query's row offset in 32-bit pairs (the wrapper passes even strides)
-    const __m512i query_rows =
-        _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(s.q_token_stride / 2)));
+    const __m512i query_rows = lane_offsets(static_cast<int32_t>(s.q_token_stride / 2));
     for (int64_t g = 0; g < s.group; ++g) {
         const int64_t head = task.kv_head * s.group + g;
         // Q's B tiles: row p of dim tile t holds each query's dims (32 t + 2 p, 32 t + 2 p + 1), one
@@ -220,7 +220,6 @@ static void prefill_task(const PrefillShape& s, const Task& task, const bf16* va
             _tile_stored(6, scratch.out_t[32], 64);
             _tile_stored(7, scratch.out_t[48], 64);
             // column n of out^T is query n's output: gathered 16 dims at a time
-            const __m512i column = _mm512_mullo_epi32(lane, _mm512_set1_epi32(kQueries));
             for (int64_t n = 0; n < queries; ++n) {
                 bf16* o = s.out + ((token0 + n) * s.kv_heads * s.group + head) * dim + half * 64;
                 const __m512 inv = _mm512_set1_ps(inverse_sum[n]);
@@ -256,9 +255,9 @@ static void paged_prefill(const PrefillShape& s, int64_t batch, int threads) {
         const int64_t chunk = s.starts[b + 1] - s.starts[b];
         for (int64_t h = 0; h < s.kv_heads; ++h) {
             const int64_t len = s.lens[b * s.len_seq_stride + h * s.len_head_stride];
+            const int64_t bh = b * s.kv_heads + h;
             // a row of V^T is a multiple of 32 keys plus 32 more: rows a power of two apart in bytes
             // would fall into the same few L1 sets (an A tile reads 16 rows, P V four tiles at a time)
-            const int64_t bh = b * s.kv_heads + h;
             vt_stride[bh] = (len + 31) / 32 * 32 + 32;
             vt_offset[bh + 1] = vt_offset[bh] + s.dim * vt_stride[bh];
             for (int64_t first = 0; first < chunk; first += kQueries)
