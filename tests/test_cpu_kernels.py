@@ -241,6 +241,7 @@ def test_paged_decode_cpu_does_not_depend_on_the_thread_count() -> None:
     pytest.param(33, 100, 70, id="a-one-row-tail-block"),
     pytest.param(45, 64, 1536, id="deep"),
     pytest.param(40, 2048, 576, id="several-weight-chunks-per-thread"),
+    pytest.param(300, 1100, 576, id="units-of-rows-and-weight-chunks-with-tails"),
 ])
 @pytest.mark.parametrize("add", ["none", "bias", "residual"])
 def test_amx_linear_matches_reference(rows: int, n: int, k: int, add: str) -> None:
@@ -260,6 +261,7 @@ def test_amx_linear_matches_reference(rows: int, n: int, k: int, add: str) -> No
     pytest.param(1, 48, 64, id="one-row"),
     pytest.param(37, 40, 33, id="width-and-k-off-tile"),
     pytest.param(40, 1536, 576, id="model-shape-several-chunks"),
+    pytest.param(300, 1536, 576, id="model-shape-several-row-units"),
 ])
 def test_amx_swiglu_epilogue_matches_the_unfused_path(rows: int, width: int, k: int) -> None:
     # the fused epilogue rounds as linear-then-silu_mul does, so the two agree to the bit; both are
