@@ -8,6 +8,7 @@ import torch
 
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import InvalidRequest, LLMEngine
+from kvserve.engine.outputs import RequestOutput
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_correct, passkey_prompt
 from tests.helpers import feed, make_sequence, needs_amx
@@ -166,6 +167,77 @@ def test_penalties_change_repetition(engine):
     penalised = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
                                                          frequency_penalty=2.0, presence_penalty=2.0))[0]
     assert len(set(penalised)) > len(set(plain))
+
+
+def test_repetition_penalty_matches_transformers(engine):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from kvserve.engine.sampler import apply_repetition_penalty
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 50, generator=gen)
+    seen = [[1, 7, 7, 49], [], [0, 2, 3]]
+    ours = apply_repetition_penalty(logits, [0, 2], [1.3, 0.8], [seen[0], seen[2]])
+    for row, penalty in ((0, 1.3), (2, 0.8)):
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen[row]]), logits[row:row + 1].clone())
+        assert torch.allclose(ours[row], theirs[0])
+    assert torch.equal(ours[1], logits[1])  # a row that did not ask is untouched
+
+    prompt = engine.tokenizer("the the the the the the the the")["input_ids"]
+    plain = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    penalised = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                         repetition_penalty=1.5))[0]
+    assert prompt[0] in plain and prompt[0] not in penalised
+
+
+def run_requests(engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[RequestOutput]]:
+    """Submit the requests together; each one's outputs, in order."""
+    outputs: dict[str, list[RequestOutput]] = {f"req-{i}": [] for i in range(len(requests))}
+    for (prompt, params), rid in zip(requests, outputs):
+        engine.add_request(rid, prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    return list(outputs.values())
+
+
+def tokens_of(outputs: list[RequestOutput]) -> list[int]:
+    return [t for out in outputs for t in out.token_ids]
+
+
+def test_logit_bias_steers_only_its_own_row(engine, invariance_prompts):
+    prompt = invariance_prompts[2]
+    plain = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = engine.generate([prompt], SamplingParams(**plain))[0]
+    forced = 1234
+    together = run_requests(engine, [(prompt, SamplingParams(**plain, logit_bias={forced: 100.0})),
+                                     (prompt, SamplingParams(**plain, logit_bias={alone[0]: -100.0})),
+                                     (prompt, SamplingParams(**plain))])
+    biased, banned, untouched = map(tokens_of, together)
+    assert biased == [forced] * 6
+    assert alone[0] not in banned
+    assert untouched == alone
+
+
+def test_min_tokens_holds_back_every_stop(engine, invariance_prompts):
+    prompt = invariance_prompts[1]
+    eos = engine.model_config.eos_token_ids[0]
+    word = engine.tokenizer(" lantern")["input_ids"][0]
+    text = engine.tokenizer.decode([word])
+
+    def run(**fields) -> tuple[list[int], str, RequestOutput]:
+        outputs = run_requests(engine, [(prompt, SamplingParams(max_tokens=12, temperature=0, **fields))])[0]
+        return tokens_of(outputs), "".join(out.text for out in outputs), outputs[-1]
+
+    # each bias makes its token the greedy pick wherever it is allowed
+    tokens, _, last = run(logit_bias={eos: 100.0})
+    assert tokens == [eos] and last.finish_reason == "stop"
+    tokens, _, last = run(logit_bias={eos: 100.0}, min_tokens=4)
+    assert len(tokens) == 5 and eos not in tokens[:4] and tokens[4] == eos and last.finish_reason == "stop"
+    tokens, _, last = run(logit_bias={word: 100.0}, stop_token_ids=[word], ignore_eos=True, min_tokens=3)
+    assert len(tokens) == 4 and word not in tokens[:3] and last.stop_reason == word
+    tokens, emitted, last = run(logit_bias={word: 100.0}, stop=[text], ignore_eos=True, min_tokens=2)
+    assert tokens == [word, word] and last.stop_reason == text and emitted == text  # the 2nd is the stop
 
 
 def test_abort_frees_pages(engine, invariance_prompts):

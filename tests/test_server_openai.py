@@ -97,6 +97,29 @@ def test_sampling_fields_reach_the_sampler(client: openai.OpenAI) -> None:
     assert r.choices[0].text == " 5,"  # as in vLLM, a (non-special) stop token stays in the text
 
 
+def test_logit_bias_min_tokens_and_repetition_penalty(client: openai.OpenAI) -> None:
+    tokenizer = load_tokenizer(resolve_model(None))
+    [comma], [ocean] = tokenizer(",")["input_ids"], tokenizer(" ocean")["input_ids"]
+    # OpenAI's logit_bias (token ids as strings): +100 makes a token the greedy pick, -100 bans it
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=4, temperature=0,
+                                  logit_bias={str(ocean): 100})
+    assert r.choices[0].text == " ocean" * 4
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=6, temperature=0,
+                                  logit_bias={str(comma): -100})
+    assert r.choices[0].text.startswith(" 5") and "," not in r.choices[0].text
+    # vLLM's min_tokens: the stop token, biased to be the greedy pick, comes only after four others
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0,
+                                  logit_bias={str(comma): 100}, extra_body={"stop_token_ids": [comma], "min_tokens": 4})
+    assert r.usage.completion_tokens == 5 and r.choices[0].model_extra["stop_reason"] == comma
+    assert r.choices[0].text.endswith(",") and "," not in r.choices[0].text[:-1]
+    # vLLM's repetition_penalty also discourages the prompt's own tokens
+    chat = client.chat.completions.create(model=MODEL, messages=chat_messages("Say: the the the the"),
+                                          max_tokens=12, temperature=0)
+    penalised = client.chat.completions.create(model=MODEL, messages=chat_messages("Say: the the the the"),
+                                               max_tokens=12, temperature=0, extra_body={"repetition_penalty": 2.0})
+    assert penalised.choices[0].message.content != chat.choices[0].message.content
+
+
 def test_seed_reproduces_and_different_seeds_differ(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         return client.completions.create(model=MODEL, prompt=STORY, max_tokens=16, temperature=1.0, seed=seed,

@@ -18,8 +18,9 @@ class IncrementalDetokenizer:
         self.text = ""  # all stable text decoded so far
         self.emitted = 0  # characters of `text` handed out
 
-    def add(self, token_id: int) -> str | None:
-        """Add a token; return the stop string it completed, if any."""
+    def add(self, token_id: int, find_stop: bool = True) -> str | None:
+        """Add a token; return the stop string it completed, if any (none is looked for without
+        `find_stop`: a request's min_tokens)."""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
@@ -28,7 +29,7 @@ class IncrementalDetokenizer:
             before = len(self.text)
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            for stop in self.stop:
+            for stop in self.stop if find_stop else ():
                 # a stop string can only end in the new text, so search from just before it
                 at = self.text.find(stop, max(0, before - len(stop) + 1))
                 if at != -1:

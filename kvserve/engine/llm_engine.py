@@ -11,6 +11,7 @@ import torch
 
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
+from kvserve.engine.errors import InvalidRequest
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.outputs import KVUsage, RequestOutput, TokenLogprob
 from kvserve.engine.policy_runner import PolicyRunner
@@ -20,14 +21,6 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.sequence import Sequence, Status
 from kvserve.model.loader import load_tokenizer
 from kvserve.policies.registry import create_policy, parse_policy
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot serve; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass
@@ -67,8 +60,10 @@ class LLMEngine:
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+        for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"{name} token ids must be in [0, {vocab})", name)
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequest(
@@ -123,7 +118,8 @@ class LLMEngine:
             return []
         sampled = [batch.seqs[i] for i in sampling]
         result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled],
-                        [len(s.output_token_ids) for s in sampled], [s.output_token_ids for s in sampled])
+                        [s.output_token_ids for s in sampled], [s.prompt_token_ids for s in sampled],
+                        [self._stop_ids(s) if len(s.output_token_ids) < s.params.min_tokens else [] for s in sampled])
         now = time.monotonic()
         outputs = []
         for i, seq in enumerate(sampled):
@@ -150,8 +146,13 @@ class LLMEngine:
             held[seq.policy_params.name] = held.get(seq.policy_params.name, 0) + pages * self.runner.pool.page_bytes
         self._bytes_held = held
 
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        """The tokens that would end this sequence: its stop token ids, and EOS unless ignored."""
+        return [*seq.params.stop_token_ids, *(() if seq.params.ignore_eos else self.eos_token_ids)]
+
     def _check_stop(self, seq: Sequence, token: int) -> None:
-        stop_string = seq.detokenizer.add(token)
+        # before min_tokens nothing stops it (the sampler kept stop tokens out), as in vLLM
+        stop_string = seq.detokenizer.add(token, find_stop=len(seq.output_token_ids) >= seq.params.min_tokens)
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
         elif token in seq.params.stop_token_ids:

@@ -38,26 +38,62 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [n, k]
 
 
+def _row_tokens(rows: list[int], tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) pairs, for indexing a [n, vocab] tensor: row rows[i] with tokens[i]."""
+    lengths = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+    return (torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths),
+            torch.tensor([t for row in tokens for t in row], dtype=torch.long))
+
+
 def apply_penalties(logits: torch.Tensor, outputs: list[list[int]], presence: torch.Tensor,
                     frequency: torch.Tensor) -> torch.Tensor:
     """OpenAI's presence/frequency penalties over the tokens each row has generated so far."""
     counts = torch.zeros_like(logits)
-    lengths = torch.tensor([len(o) for o in outputs])
-    if int(lengths.sum()):
-        rows = torch.repeat_interleave(torch.arange(len(outputs)), lengths)
-        ids = torch.tensor([t for o in outputs for t in o])
-        counts.index_put_((rows, ids), torch.ones(ids.numel()), accumulate=True)
+    index = _row_tokens(list(range(len(outputs))), outputs)
+    counts.index_put_(index, torch.ones(index[1].numel()), accumulate=True)
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
-           outputs: list[list[int]]) -> SamplerOutput:
-    """logits [n, vocab] float32, one row per sampled sequence."""
+def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: list[float],
+                             seen: list[list[int]]) -> torch.Tensor:
+    """vLLM's (and transformers') repetition penalty on rows[i]: each token of seen[i] (its prompt and
+    output) has a positive logit divided by penalties[i], a negative one multiplied by it."""
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[_row_tokens(rows, seen)] = True
+    penalty = torch.ones(logits.shape[0])
+    penalty[rows] = torch.tensor(penalties)
+    penalty = penalty[:, None]
+    return torch.where(mask, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
+                  prompts: list[list[int]], banned: list[list[int]]) -> torch.Tensor:
+    """Each row's own edits before sampling, computed only where some row asks: logit_bias, the
+    tokens `banned` this step (stop tokens before min_tokens), then the penalties."""
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        index = _row_tokens(biased, [list(params[i].logit_bias) for i in biased])
+        bias = torch.tensor([b for i in biased for b in params[i].logit_bias.values()], dtype=logits.dtype)
+        logits = logits.index_put(index, bias, accumulate=True)
+    if any(banned):
+        logits = logits.index_put(_row_tokens(list(range(len(banned))), banned),
+                                  torch.tensor(float("-inf"), dtype=logits.dtype))
     presence = torch.tensor([p.presence_penalty for p in params])
     frequency = torch.tensor([p.frequency_penalty for p in params])
     if bool(presence.any()) or bool(frequency.any()):
         logits = apply_penalties(logits, outputs, presence, frequency)
+    repeating = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeating:
+        logits = apply_repetition_penalty(logits, repeating, [params[i].repetition_penalty for i in repeating],
+                                          [prompts[i] + outputs[i] for i in repeating])
+    return logits
 
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], outputs: list[list[int]],
+           prompts: list[list[int]], banned: list[list[int]]) -> SamplerOutput:
+    """logits [n, vocab] float32, one row per sampled sequence; for each, the tokens it has output
+    so far, its prompt and the tokens it may not sample this step."""
+    logits = adjust_logits(logits, params, outputs, prompts, banned)
     want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     logprobs = top_ids = top_logprobs = None
     if want_logprobs is not None:
@@ -68,7 +104,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     if random_rows:
         rows = torch.tensor(random_rows)
         chosen[rows] = _sample_random(logits[rows], [params[i] for i in random_rows],
-                                      [draw_uniform(seeds[i], counters[i]) for i in random_rows])
+                                      [draw_uniform(seeds[i], len(outputs[i])) for i in random_rows])
     if want_logprobs is not None:
         logprobs = all_logprobs.gather(1, chosen[:, None])[:, 0]
         if want_logprobs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvserve.engine.errors import InvalidRequest
+
 
 @dataclass
 class SamplingParams:
@@ -14,27 +16,32 @@ class SamplingParams:
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages every token of the prompt and the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # vLLM's: no EOS, stop token id or stop string ends the output before this many tokens
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < -1:
-            raise ValueError("top_k must be -1, 0 or positive")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError("min_p must be in [0, 1]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError("logprobs must be in [0, 20]")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= -1, "-1, 0 or positive"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("logit_bias", all(-100 <= bias <= 100 for bias in self.logit_bias.values()), "values in [-100, 100]"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
+        ]
+        for name, valid, expected in checks:
+            if not valid:
+                raise InvalidRequest(f"{name} must be {expected}", name)
 
     @property
     def greedy(self) -> bool:

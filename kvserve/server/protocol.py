@@ -1,6 +1,7 @@
 """The OpenAI wire format: request models (validated here, so a bad field is a 400 that names it)
 and response models. Field names follow OpenAI, and vLLM where OpenAI has none (`top_k`, `min_p`,
-`stop_token_ids`, `ignore_eos`); `kv_policy` is kvserve's extension."""
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `min_tokens`); `kv_policy` is kvserve's
+extension."""
 
 from __future__ import annotations
 
@@ -55,15 +56,17 @@ class SamplingFields(OpenAIModel):
     min_p: float = Field(0.0, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     kv_policy: str | dict[str, Any] | None = None
 
     _policy: PolicyParams | None = PrivateAttr(None)
@@ -74,14 +77,19 @@ class SamplingFields(OpenAIModel):
         self._policy = None if self.kv_policy is None else parse_policy(self.kv_policy)
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options is only allowed when stream is true", "stream_options")
-        if self.logit_bias:
-            raise FieldError("logit_bias is not supported", "logit_bias")
+        if any(not key.isdigit() for key in self.logit_bias or ()):
+            raise FieldError("logit_bias keys must be token ids (non-negative integers, as strings)", "logit_bias")
         return self
 
     @property
     def policy(self) -> PolicyParams | None:
         """The validated kv_policy; None means the server's default."""
         return self._policy
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids."""
+        return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
 
     @property
     def stop_list(self) -> list[str]:

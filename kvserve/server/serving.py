@@ -126,8 +126,9 @@ class Endpoint(ABC):
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                seed=req.seed, stop=req.stop_list, stop_token_ids=list(req.stop_token_ids or ()),
-                ignore_eos=req.ignore_eos, logprobs=self.num_logprobs(req))
+                repetition_penalty=req.repetition_penalty, logit_bias=req.token_bias, seed=req.seed,
+                stop=req.stop_list, stop_token_ids=list(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                min_tokens=req.min_tokens, logprobs=self.num_logprobs(req))
         except ValueError as e:
             raise invalid_request(e) from None
         return Generation(state, request_id, prompts, params, req.n, req.policy)
