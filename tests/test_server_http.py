@@ -207,6 +207,36 @@ def test_health_models_and_policies(server: str) -> None:
     assert by_name["full"]["schema"]["properties"]["name"]["const"] == "full"
 
 
+def test_tokenize_detokenize_and_version(server: str) -> None:
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{server}{path}", json=body, timeout=60)
+
+    # the token counts the generation endpoints report for the same prompt and messages
+    prompt = "The capital of France is"
+    tokenized = post("/tokenize", {"prompt": prompt}).json()
+    completion = post("/v1/completions", {"prompt": prompt, "max_tokens": 1}).json()
+    assert tokenized["count"] == len(tokenized["tokens"]) == completion["usage"]["prompt_tokens"]
+    assert tokenized["max_model_len"] == 8192
+    assert post("/detokenize", {"tokens": tokenized["tokens"]}).json() == {"prompt": prompt}
+    by_ids = post("/v1/completions", {"prompt": tokenized["tokens"], "max_tokens": 4, "temperature": 0}).json()
+    by_text = post("/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0}).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}).json()
+    rendered = post("/tokenize", {"messages": messages}).json()
+    assert rendered["count"] == chat["usage"]["prompt_tokens"]
+    assert post("/tokenize", {"messages": messages, "add_generation_prompt": False}).json()["count"] < rendered["count"]
+
+    for path, body, status, param in [("/tokenize", {"prompt": "a", "messages": messages}, 400, "prompt"),
+                                      ("/tokenize", {}, 400, "prompt"),
+                                      ("/tokenize", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
+                                      ("/detokenize", {"tokens": [10**8]}, 400, "tokens"),
+                                      ("/detokenize", {"tokens": [-1]}, 400, "tokens.0")]:
+        r = post(path, body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text)
+    assert httpx.get(f"{server}/version").json()["version"] == "0.1.0"
+
+
 def test_chat_content_parts_are_joined(server: str) -> None:
     def reply(content: object) -> str:
         body = {"messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0}

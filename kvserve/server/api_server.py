@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import signal
 import socket
@@ -32,9 +33,17 @@ from kvserve.server.chat import ChatCompletions
 from kvserve.server.completions import Completions
 from kvserve.server.errors import APIError, install_error_handlers
 from kvserve.server.metrics import ServerMetrics
-from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from kvserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
 from kvserve.server.serving import json_response
 from kvserve.server.state import ServerState
+from kvserve.server.tokenize import detokenize, tokenize
 
 log = logging.getLogger("kvserve.server")
 
@@ -70,6 +79,18 @@ def build_app(state: ServerState, api_key: str | None, max_body_bytes: int) -> F
     @app.get("/v1/kv/policies")
     async def policies() -> dict[str, object]:
         return {"object": "list", "default": state.default_policy.model_dump(), "data": describe_policies()}
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize_text(body: TokenizeRequest) -> Response:
+        return json_response(tokenize(state, body))
+
+    @app.post("/detokenize", response_model=None)
+    async def detokenize_tokens(body: DetokenizeRequest) -> Response:
+        return json_response(detokenize(state, body))
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": importlib.metadata.version("kvserve")}
 
     @app.get("/health")
     async def health() -> Response:

@@ -13,7 +13,8 @@ from kvserve.server.errors import APIError
 
 
 class BearerAuth:
-    """/health and /metrics stay open for probes and scrapers, as in vLLM."""
+    """Routes outside /v1/ stay open, as in vLLM: /health and /metrics for probes and scrapers,
+    /version, and /tokenize and /detokenize (the tokenizer only; no generation)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app

@@ -15,6 +15,7 @@ from kvserve.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatMessage,
     ChatTokenLogprob,
     Delta,
     TopLogprob,
@@ -23,18 +24,22 @@ from kvserve.server.protocol import (
 from kvserve.server.serving import Endpoint
 
 
+def render_messages(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:  # noqa: ANN001
+    """The prompt's token ids: the messages through the model's chat template."""
+    try:
+        encoded = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                add_generation_prompt=add_generation_prompt, return_dict=True)
+    except TemplateError as e:  # the template's own checks (e.g. on the order of roles)
+        raise APIError(400, f"messages: the chat template rejected them: {e}", "messages") from None
+    return list(encoded["input_ids"])
+
+
 class ChatCompletions(Endpoint):
     id_prefix = "chatcmpl"
     path = "/v1/chat/completions"
 
     def prompt_token_ids(self, req: ChatCompletionRequest) -> list[list[int]]:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            encoded = self.state.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                      return_dict=True)
-        except TemplateError as e:  # the template's own checks (e.g. on the order of roles)
-            raise APIError(400, f"messages: the chat template rejected them: {e}", "messages") from None
-        return [list(encoded["input_ids"])]
+        return [render_messages(self.state.engine.tokenizer, req.messages, add_generation_prompt=True)]
 
     def max_tokens(self, req: ChatCompletionRequest, prompts: list[list[int]]) -> int:
         # OpenAI's default: as many tokens as the context has left

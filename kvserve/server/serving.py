@@ -117,9 +117,7 @@ class Endpoint(ABC):
 
     def _admit(self, request_id: str, req: SamplingFields) -> Generation:
         state = self.state
-        if req.model is not None and req.model != state.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
-                           "model", "model_not_found")
+        state.check_model(req.model)
         prompts = self.prompt_token_ids(req)
         max_tokens = self.max_tokens(req, prompts)
         try:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.policies.base import PolicyParams
 from kvserve.server.admission import Admission
+from kvserve.server.errors import APIError
 from kvserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -24,6 +25,12 @@ class ServerState:
     default_policy: PolicyParams
     log_prompts: bool = False
     generations: set[Generation] = field(default_factory=set)  # the requests in the engine now
+
+    def check_model(self, model: str | None) -> None:
+        """A 404 unless `model` is absent or the served model's name."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
 
     def abort_all(self) -> None:
         """End every request in the engine now; each still gets its response (finish_reason "abort")."""
