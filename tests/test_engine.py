@@ -240,6 +240,28 @@ def test_min_tokens_holds_back_every_stop(engine, invariance_prompts):
     assert tokens == [word, word] and last.stop_reason == text and emitted == text  # the 2nd is the stop
 
 
+def test_kept_stop_strings_special_tokens_and_allowed_ids(engine, invariance_prompts):
+    prompt = invariance_prompts[1]
+    eos = engine.model_config.eos_token_ids[0]
+    word = engine.tokenizer(" lantern")["input_ids"][0]
+    text = engine.tokenizer.decode([word])
+
+    def run(**fields) -> tuple[list[int], str]:
+        outputs = run_requests(engine, [(prompt, SamplingParams(**{"max_tokens": 8, **fields}))])[0]
+        return tokens_of(outputs), "".join(out.text for out in outputs)
+
+    # the first " lantern" completes the stop string: dropped by default, kept on request
+    assert run(temperature=0, logit_bias={word: 100.0}, stop=[text]) == ([word], "")
+    assert run(temperature=0, logit_bias={word: 100.0}, stop=[text], include_stop_str_in_output=True) == ([word], text)
+    # EOS, forced and ignored, is left out of the text unless asked for
+    forced_eos = dict(temperature=0, logit_bias={eos: 100.0}, ignore_eos=True, max_tokens=2)
+    assert run(**forced_eos) == ([eos, eos], "")
+    assert run(**forced_eos, skip_special_tokens=False)[1] == engine.tokenizer.decode([eos, eos]) != ""
+    allowed = [word, eos, 11]
+    tokens, _ = run(temperature=1.0, seed=7, allowed_token_ids=allowed, ignore_eos=True)
+    assert len(tokens) == 8 and set(tokens) <= set(allowed)
+
+
 def test_abort_frees_pages(engine, invariance_prompts):
     engine.add_request("long", invariance_prompts[1], SamplingParams(max_tokens=50, temperature=0))
     engine.step()

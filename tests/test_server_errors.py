@@ -53,6 +53,8 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> dict:
     ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, "min_tokens"),
     ("/v1/chat/completions", {"messages": USER, "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [10**9]}, "allowed_token_ids"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),

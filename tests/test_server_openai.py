@@ -118,6 +118,13 @@ def test_logit_bias_min_tokens_and_repetition_penalty(client: openai.OpenAI) -> 
     penalised = client.chat.completions.create(model=MODEL, messages=chat_messages("Say: the the the the"),
                                                max_tokens=12, temperature=0, extra_body={"repetition_penalty": 2.0})
     assert penalised.choices[0].message.content != chat.choices[0].message.content
+    # vLLM's allowed_token_ids and include_stop_str_in_output
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=5, temperature=1.0, seed=1,
+                                  extra_body={"allowed_token_ids": [ocean, comma], "ignore_eos": True})
+    assert r.choices[0].text.replace(" ocean", "").replace(",", "") == ""
+    r = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=20, temperature=0, stop=[" 7"],
+                                  extra_body={"include_stop_str_in_output": True})
+    assert r.choices[0].text == " 5, 6, 7"
 
 
 def test_seed_reproduces_and_different_seeds_differ(client: openai.OpenAI) -> None:

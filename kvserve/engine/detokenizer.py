@@ -8,10 +8,14 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str]) -> None:  # noqa: ANN001 - a transformers tokenizer
+    def __init__(self, tokenizer, stop: list[str], include_stop: bool = False,  # noqa: ANN001 - transformers'
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output: the stop string stays in the text
+        self.skip_special_tokens = skip_special_tokens
+        # nothing need be held back when a stop string would be emitted anyway
+        self.hold = 0 if include_stop else max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -23,8 +27,8 @@ class IncrementalDetokenizer:
         `find_stop`: a request's min_tokens)."""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             before = len(self.text)
             self.text += full[len(prefix):]
@@ -33,7 +37,7 @@ class IncrementalDetokenizer:
                 # a stop string can only end in the new text, so search from just before it
                 at = self.text.find(stop, max(0, before - len(stop) + 1))
                 if at != -1:
-                    self.text = self.text[:at]
+                    self.text = self.text[:at + len(stop) if self.include_stop else at]
                     return stop
         return None
 

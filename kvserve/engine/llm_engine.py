@@ -61,7 +61,7 @@ class LLMEngine:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
         for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", params.logit_bias)):
+                          ("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids or ())):
             if any(not 0 <= t < vocab for t in ids):
                 raise InvalidRequest(f"{name} token ids must be in [0, {vocab})", name)
         total = len(prompt_token_ids) + params.max_tokens
@@ -78,7 +78,8 @@ class LLMEngine:
         seq = Sequence(
             request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
             policy_params=policy_params, policy=policy,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                               params.skip_special_tokens),
             seed=params.seed if params.seed is not None else random.getrandbits(63),
         )
         self.seqs[request_id] = seq

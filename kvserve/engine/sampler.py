@@ -68,8 +68,15 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: l
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
                   prompts: list[list[int]], banned: list[list[int]]) -> torch.Tensor:
-    """Each row's own edits before sampling, computed only where some row asks: logit_bias, the
-    tokens `banned` this step (stop tokens before min_tokens), then the penalties."""
+    """Each row's own edits before sampling, computed only where some row asks: allowed_token_ids,
+    logit_bias, the tokens `banned` this step (stop tokens before min_tokens), then the penalties."""
+    restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if restricted:
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        allowed[_row_tokens(restricted, [params[i].allowed_token_ids for i in restricted])] = True
+        limited = torch.zeros(logits.shape[0], 1, dtype=torch.bool)
+        limited[restricted] = True
+        logits = logits.masked_fill(limited & ~allowed, float("-inf"))
     biased = [i for i, p in enumerate(params) if p.logit_bias]
     if biased:
         index = _row_tokens(biased, [list(params[i].logit_bias) for i in biased])

@@ -23,6 +23,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0  # vLLM's: no EOS, stop token id or stop string ends the output before this many tokens
+    include_stop_str_in_output: bool = False  # vLLM's: a matched stop string stays in the text
+    skip_special_tokens: bool = True  # vLLM's: special tokens (EOS, chat markers) are left out of the text
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
 
     def __post_init__(self) -> None:
@@ -37,6 +40,7 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
             ("logit_bias", all(-100 <= bias <= 100 for bias in self.logit_bias.values()), "values in [-100, 100]"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
+            ("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "non-empty"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
         ]
         for name, valid, expected in checks:

@@ -1,7 +1,7 @@
 """The OpenAI wire format: request models (validated here, so a bad field is a 400 that names it)
 and response models. Field names follow OpenAI, and vLLM where OpenAI has none (`top_k`, `min_p`,
-`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `min_tokens`); `kv_policy` is kvserve's
-extension."""
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
+`skip_special_tokens`, `allowed_token_ids`); `kv_policy` is kvserve's extension."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -126,7 +126,9 @@ class Endpoint(ABC):
                 min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty, logit_bias=req.token_bias, seed=req.seed,
                 stop=req.stop_list, stop_token_ids=list(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                min_tokens=req.min_tokens, logprobs=self.num_logprobs(req))
+                min_tokens=req.min_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens, allowed_token_ids=req.allowed_token_ids,
+                logprobs=self.num_logprobs(req))
         except ValueError as e:
             raise invalid_request(e) from None
         return Generation(state, request_id, prompts, params, req.n, req.policy)
