@@ -8,8 +8,8 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str], include_stop: bool = False,  # noqa: ANN001 - transformers'
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, stop: list[str],  # noqa: ANN001 - a transformers tokenizer
+                 include_stop: bool = False, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.include_stop = include_stop  # vLLM's include_stop_str_in_output: the stop string stays in the text
