@@ -47,6 +47,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> dict:
     ("/v1/completions", {"prompt": "hi", "kv_policy": {"name": "full", "budget": 3}}, "kv_policy.budget"),
     ("/v1/completions", {"prompt": "hi", "kv_policy": 5}, "kv_policy"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"a": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"²": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias.5"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
@@ -145,6 +146,14 @@ sampling_fields = {
                                   st.dictionaries(small_text, json_values, max_size=2))),
     "model": mostly(st.just("SmolLM2-135M-Instruct"), st.sampled_from(["other", 3])),
     "user": st.one_of(st.none(), small_text),
+    "logit_bias": mostly(st.dictionaries(st.integers(0, 49151).map(str), st.floats(-100, 100), max_size=2),
+                         st.dictionaries(st.sampled_from(["x", "²", "-1", "99999999", " 5"]),
+                                         st.sampled_from([1, 101, "x"]), max_size=2)),
+    "repetition_penalty": mostly(st.sampled_from([0.5, 1, 1.3]), st.sampled_from([0, -1, "x"])),
+    "min_tokens": mostly(st.integers(0, 3), st.sampled_from([-1, 10**6, "x"])),
+    "allowed_token_ids": mostly(st.one_of(st.none(), token_ids), st.sampled_from([[], [-1], [10**6], "x"])),
+    "include_stop_str_in_output": st.booleans(),
+    "skip_special_tokens": st.booleans(),
 }
 prompt = mostly(st.one_of(st.text(min_size=1, max_size=12), st.lists(st.text(min_size=1, max_size=12), min_size=1,
                                                                      max_size=2),
@@ -190,6 +199,27 @@ def check_no_server_error(server: str, path: str, body: object) -> None:
 
 
 fuzz = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def tokenize_bodies() -> st.SearchStrategy[object]:
+    fields = st.fixed_dictionaries({}, optional={
+        "prompt": mostly(small_text, json_values), "messages": mostly(st.lists(message, min_size=1, max_size=2),
+                                                                      json_values),
+        "model": sampling_fields["model"], "add_special_tokens": st.booleans(),
+        "add_generation_prompt": st.booleans()})
+    return mostly(fields, json_values)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tokenize=tokenize_bodies(), tokens=mostly(token_ids, json_values))
+def test_generated_tokenize_bodies_never_5xx(server: str, tokenize: object, tokens: object) -> None:
+    for path, body in (("/tokenize", tokenize), ("/detokenize", {"tokens": tokens})):
+        r = httpx.post(f"{server}{path}", json=body, timeout=60)
+        assert r.status_code < 500, (path, body, r.text)
+        if r.status_code == 200:
+            assert "count" in r.json() or "prompt" in r.json()
+        else:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 @fuzz

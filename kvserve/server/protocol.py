@@ -80,7 +80,7 @@ class SamplingFields(OpenAIModel):
         self._policy = None if self.kv_policy is None else parse_policy(self.kv_policy)
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options is only allowed when stream is true", "stream_options")
-        if any(not key.isdigit() for key in self.logit_bias or ()):
+        if any(not (key.isascii() and key.isdigit()) for key in self.logit_bias or ()):  # "²" is a digit
             raise FieldError("logit_bias keys must be token ids (non-negative integers, as strings)", "logit_bias")
         return self
 
