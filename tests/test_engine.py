@@ -262,6 +262,37 @@ def test_kept_stop_strings_special_tokens_and_allowed_ids(engine, invariance_pro
     assert len(tokens) == 8 and set(tokens) <= set(allowed)
 
 
+def test_prompt_logprobs_match_transformers(engine, hf_model):
+    ids = text_prompts(engine, [1300])[0]  # prefilled in two chunks of this engine's 1,024-token steps
+    scored = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    outputs, plain = run_requests(engine, [(ids, scored), (text_prompts(engine, [40])[0], GREEDY)])
+    prompt_logprobs = outputs[0].prompt_logprobs
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(ids)
+    assert all(out.prompt_logprobs is None for out in outputs[1:] + plain)
+    with torch.no_grad():
+        expected = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    got = torch.tensor([lp.logprob for lp in prompt_logprobs[1:]])
+    assert (got - expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).abs().max() < 1e-4
+    for position in (1, 1023, 1024, 1299):  # either side of the chunk boundary
+        lp = prompt_logprobs[position]
+        assert lp.token_id == ids[position] and lp.token == engine.tokenizer.decode([ids[position]])
+        assert [t for t, _, _ in lp.top] == expected[position - 1].topk(3).indices.tolist()
+
+
+def test_prompt_logprob_spans_skip_what_a_preempted_request_already_has():
+    from kvserve.engine.model_runner import ModelRunner, PromptSpan
+    from kvserve.engine.scheduler import ScheduledBatch
+
+    scored = make_sequence(list(range(100)), SamplingParams(max_tokens=4, prompt_logprobs=0))
+    scored.prompt_logprobs = [None] * 61  # tokens 0-60 scored (positions 0-59) before a preemption
+    plain = make_sequence(list(range(30)))
+    spans = ModelRunner._prompt_spans(ScheduledBatch([plain, scored], [30, 80]))  # recomputing from 0
+    assert spans == [PromptSpan(seq=1, first=60, count=20)]
+    scored.num_computed, scored.prompt_logprobs = 80, [None] * 81
+    # the last position predicts the first output token, not a prompt token
+    assert ModelRunner._prompt_spans(ScheduledBatch([scored], [20])) == [PromptSpan(seq=0, first=80, count=19)]
+
+
 def test_abort_frees_pages(engine, invariance_prompts):
     engine.add_request("long", invariance_prompts[1], SamplingParams(max_tokens=50, temperature=0))
     engine.step()

@@ -127,6 +127,30 @@ def test_logit_bias_min_tokens_and_repetition_penalty(client: openai.OpenAI) -> 
     assert r.choices[0].text == " 5, 6, 7"
 
 
+def test_echo_repeats_the_prompt_with_its_logprobs(client: openai.OpenAI) -> None:
+    # what lm-eval-harness's loglikelihood requests ask of an OpenAI completions server
+    echoed = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=2).choices[0]
+    plain = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=3, temperature=0,
+                                      logprobs=2).choices[0]
+    assert echoed.text == COUNTING + plain.text
+    lp = echoed.logprobs
+    prompt_len = len(load_tokenizer(resolve_model(None))(COUNTING)["input_ids"])
+    assert len(lp.tokens) == prompt_len + 3 and "".join(lp.tokens) == echoed.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(top) >= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert lp.tokens[prompt_len:] == plain.logprobs.tokens
+    assert lp.token_logprobs[prompt_len:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    # a counting prompt is easy to predict: the prompt's own digits are the model's top choice
+    assert lp.top_logprobs[prompt_len - 2][lp.tokens[prompt_len - 2]] == max(lp.top_logprobs[prompt_len - 2].values())
+    streamed = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=3, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == echoed.text
+    by_ids = client.completions.create(model=MODEL, prompt=[[101, 102, 103]], max_tokens=1, temperature=0, echo=True)
+    assert by_ids.choices[0].text.startswith(load_tokenizer(resolve_model(None)).decode([101, 102, 103]))
+
+
 def test_seed_reproduces_and_different_seeds_differ(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         return client.completions.create(model=MODEL, prompt=STORY, max_tokens=16, temperature=1.0, seed=seed,

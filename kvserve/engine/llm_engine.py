@@ -15,7 +15,7 @@ from kvserve.engine.errors import InvalidRequest
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.outputs import KVUsage, RequestOutput, TokenLogprob
 from kvserve.engine.policy_runner import PolicyRunner
-from kvserve.engine.sampler import SamplerOutput, sample
+from kvserve.engine.sampler import sample
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.sequence import Sequence, Status
@@ -81,6 +81,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                                params.skip_special_tokens),
             seed=params.seed if params.seed is not None else random.getrandbits(63),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -109,7 +110,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits, sampling, meta = self.runner.execute(batch, *self.policies.observations(batch))
+        logits, sampling, spans, meta = self.runner.execute(batch, *self.policies.observations(batch))
+        if spans:
+            rows = logits[len(sampling):].split([span.count for span in spans])
+            for span, span_logits in zip(spans, rows):
+                self._add_prompt_logprobs(batch.seqs[span.seq], span.first, span_logits)
         # the peak is reached now, before the policies cut the step's new tokens back
         for seq, pages in zip(batch.seqs, self.runner.kv_pages_held([s.row for s in batch.seqs])):
             seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
@@ -118,6 +123,7 @@ class LLMEngine:
             self._snapshot_bytes_held()
             return []
         sampled = [batch.seqs[i] for i in sampling]
+        logits = logits[:len(sampling)]
         result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled],
                         [s.output_token_ids for s in sampled], [s.prompt_token_ids for s in sampled],
                         [self._stop_ids(s) if len(s.output_token_ids) < s.params.min_tokens else [] for s in sampled])
@@ -126,13 +132,16 @@ class LLMEngine:
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
             if seq.forced_tokens is not None:
-                seq.forced_logprobs.append(torch.log_softmax(logits[sampling[i]], dim=-1))
+                seq.forced_logprobs.append(torch.log_softmax(logits[i], dim=-1))
                 token = seq.forced_tokens[len(seq.output_token_ids)]
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             seq.output_token_ids.append(token)
             if seq.params.logprobs is not None:
-                seq.output_logprobs.append(self._logprob(result, i, token, seq.params.logprobs))
+                top = seq.params.logprobs
+                seq.output_logprobs.append(self._token_logprob(token, float(result.logprobs[i]),
+                                                               result.top_ids[i, :top] if top else None,
+                                                               result.top_logprobs[i, :top] if top else None))
             self._check_stop(seq, token)
             outputs.append(self._finish(seq) if seq.finish_reason else self._output(seq))
         # after the finished sequences left: a gauge read once traffic stops must not show their bytes
@@ -163,13 +172,25 @@ class LLMEngine:
         elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _logprob(self, result: SamplerOutput, i: int, token: int, top: int) -> TokenLogprob:
+    def _token_logprob(self, token: int, logprob: float, top_ids: torch.Tensor | None,
+                       top_logprobs: torch.Tensor | None) -> TokenLogprob:
         decode = self.tokenizer.decode
         alternatives = []
-        if top:
-            ids = result.top_ids[i, :top].tolist()
-            alternatives = list(zip(ids, [decode([t]) for t in ids], result.top_logprobs[i, :top].tolist()))
-        return TokenLogprob(token, decode([token]), float(result.logprobs[i]), alternatives)
+        if top_ids is not None:
+            ids = top_ids.tolist()
+            alternatives = list(zip(ids, [decode([t]) for t in ids], top_logprobs.tolist()))
+        return TokenLogprob(token, decode([token]), logprob, alternatives)
+
+    def _add_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
+        """The logprobs of prompt tokens first + 1 ... from the logits at positions first ..."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = seq.prompt_token_ids[first + 1:first + 1 + logits.shape[0]]
+        chosen = logprobs.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+        top = seq.params.prompt_logprobs
+        top_logprobs, top_ids = logprobs.topk(top, dim=-1) if top else (None, None)
+        for j, token in enumerate(targets):
+            seq.prompt_logprobs.append(self._token_logprob(token, chosen[j], top_ids[j] if top else None,
+                                                           top_logprobs[j] if top else None))
 
     def _kv_usage(self, seq: Sequence) -> KVUsage:
         runner = self.runner
@@ -178,6 +199,7 @@ class LLMEngine:
         return KVUsage(seq.policy_params.name, held * runner.pool.page_bytes, full, seq.kv_bytes_peak)
 
     def _output(self, seq: Sequence) -> RequestOutput:
+        first_output = seq.emitted_tokens == 0
         new_tokens = seq.output_token_ids[seq.emitted_tokens:]
         logprobs = seq.output_logprobs[seq.emitted_tokens:] if seq.params.logprobs is not None else None
         seq.emitted_tokens = len(seq.output_token_ids)
@@ -187,7 +209,8 @@ class LLMEngine:
             logprobs=logprobs, finished=finished, finish_reason=seq.finish_reason,
             prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
             kv_usage=self._kv_usage(seq) if finished else None, stop_reason=seq.stop_reason,
-            metrics=seq.metrics if finished else None)
+            metrics=seq.metrics if finished else None,
+            prompt_logprobs=seq.prompt_logprobs if first_output and seq.params.prompt_logprobs is not None else None)
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         usage = self._kv_usage(seq)

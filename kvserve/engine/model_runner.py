@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +18,16 @@ from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_weights, resolve_model
 
 log = logging.getLogger("kvserve.engine")
+
+
+@dataclass
+class PromptSpan:
+    """`count` prompt positions of the batch's sequence `seq`, from position `first`, whose logits
+    that request's prompt_logprobs needs."""
+
+    seq: int
+    first: int
+    count: int
 
 
 class ModelRunner:
@@ -42,11 +53,13 @@ class ModelRunner:
                  // token_bytes)
 
     def execute(self, batch: ScheduledBatch, observe_decode: bool = False, windows: list[int] | None = None,
-                query_windows: list[int] | None = None) -> tuple[torch.Tensor, list[int], AttentionMetadata]:
-        """Run the batch; return logits [n, vocab], the batch indices of the n sampling sequences,
-        and the step's metadata (with the observations the policies asked for: decode scores, the
-        probabilities of `windows[i]` and the query energy of `query_windows[i]` prefill queries of
-        sequence i)."""
+                query_windows: list[int] | None = None
+                ) -> tuple[torch.Tensor, list[int], list[PromptSpan], AttentionMetadata]:
+        """Run the batch; return logits [n + m, vocab], the batch indices of the n sampling sequences
+        (the first n rows), the spans of prompt positions whose logits requests asked for (the other m
+        rows, in order), and the step's metadata (with the observations the policies asked for: decode
+        scores, the probabilities of `windows[i]` and the query energy of `query_windows[i]` prefill
+        queries of sequence i)."""
         seqs = batch.seqs
         counts = torch.tensor(batch.counts)
         rows = torch.tensor([s.row for s in seqs])
@@ -75,12 +88,31 @@ class ModelRunner:
             tier_views=self.tiers.views(rows[decode_rows]) if self.tiers.tiers and decode_rows.numel() else [],
         )
         sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts)) if s.num_computed + c == s.num_tokens]
+        spans = self._prompt_spans(batch)
+        chunk_starts = ends - counts  # where each sequence's tokens begin in the flat batch
+        logits_index = torch.cat([ends[sampling] - 1] + [
+            chunk_starts[span.seq] + span.first - seqs[span.seq].num_computed + torch.arange(span.count)
+            for span in spans])
         device = self.device
         logits = self.model.forward(input_ids.to(device), positions.to(device), meta.to(device), self.backend,
-                                    (ends[sampling] - 1).to(device)).cpu()
+                                    logits_index.to(device)).cpu()
         for s, c in zip(seqs, batch.counts):
             s.num_computed += c
-        return logits, sampling, meta
+        return logits, sampling, spans, meta
+
+    @staticmethod
+    def _prompt_spans(batch: ScheduledBatch) -> list[PromptSpan]:
+        """The prompt positions of this step whose logits give prompt logprobs not yet collected
+        (position p predicts prompt token p + 1; a preempted request's recomputed ones are skipped)."""
+        spans = []
+        for i, (s, c) in enumerate(zip(batch.seqs, batch.counts)):
+            if s.params.prompt_logprobs is None:
+                continue
+            first = max(s.num_computed, len(s.prompt_logprobs) - 1)
+            end = min(s.num_computed + c, len(s.prompt_token_ids) - 1)
+            if first < end:
+                spans.append(PromptSpan(i, first, end - first))
+        return spans
 
     def kv_pages_held(self, rows: list[int]) -> list[int]:
         """Pages of the pool each row holds across all its layers and heads, compressed tiers included."""

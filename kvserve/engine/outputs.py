@@ -43,6 +43,7 @@ class RequestOutput:
     kv_usage: KVUsage | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics | None = None  # set on the final output
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked for
 
 
 @dataclass

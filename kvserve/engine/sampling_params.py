@@ -27,6 +27,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # vLLM's: special tokens (EOS, chat markers) are left out of the text
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, with this many alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +43,7 @@ class SamplingParams:
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
             ("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "non-empty"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "in [0, 20]"),
         ]
         for name, valid, expected in checks:
             if not valid:

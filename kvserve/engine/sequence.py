@@ -35,6 +35,8 @@ class Sequence:
     seed: int
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with params.prompt_logprobs: one per prompt token computed so far (the first, None, has no context)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_computed: int = 0
     row: int | None = None
     status: Status = Status.WAITING

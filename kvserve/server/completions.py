@@ -41,14 +41,21 @@ class Completions(Endpoint):
     def num_logprobs(self, req: CompletionRequest) -> int | None:
         return req.logprobs
 
+    def echo(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str] | None:
+        if not req.echo:
+            return None
+        # a text prompt is repeated as sent; a token-id prompt as its decoded text
+        return [p if isinstance(p, str) else self.state.engine.tokenizer.decode(ids)
+                for p, ids in zip(req.prompts(), prompts)]
+
     def logged_prompt(self, req: CompletionRequest) -> str | list[str] | list[int] | list[list[int]]:
         return req.prompt
 
     def response(self, request_id: str, created: int, samples: list[Sample], usage: Usage,
                  req: CompletionRequest) -> CompletionResponse:
-        choices = [CompletionChoice(index=s.index, text=s.text, finish_reason=s.finish_reason,
+        choices = [CompletionChoice(index=s.index, text=(s.echo or "") + s.text, finish_reason=s.finish_reason,
                                     stop_reason=s.stop_reason,
-                                    logprobs=None if req.logprobs is None else _logprobs(s.logprobs, 0))
+                                    logprobs=None if req.logprobs is None else self._logprobs(s, s.logprobs, 0, True))
                    for s in samples]
         return CompletionResponse(id=request_id, created=created, model=self.state.model_name, choices=choices,
                                   usage=usage)
@@ -57,13 +64,15 @@ class Completions(Endpoint):
         return []
 
     def chunk(self, request_id: str, created: int, sample: Sample, out: RequestOutput) -> CompletionChunk | None:
-        if not (out.text or out.logprobs or out.finished):
+        # the echoed prompt goes out with the first output, whatever that output holds
+        echo_now = sample.echo is not None and sample.completion_tokens == len(out.token_ids)
+        if not (out.text or out.logprobs or out.finished or echo_now):
             return None  # text held back (a possible stop string, a partial character)
         logprobs = None
         if out.logprobs is not None:
-            logprobs = _logprobs(out.logprobs, len(sample.text) - len(out.text))
-        choice = CompletionChoice(index=sample.index, text=out.text, logprobs=logprobs,
-                                  finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+            logprobs = self._logprobs(sample, out.logprobs, len(sample.text) - len(out.text), echo_now)
+        choice = CompletionChoice(index=sample.index, text=(sample.echo if echo_now else "") + out.text,
+                                  logprobs=logprobs, finish_reason=out.finish_reason, stop_reason=out.stop_reason)
         return CompletionChunk(id=request_id, created=created, model=self.state.model_name, choices=[choice])
 
     def usage_chunk(self, request_id: str, created: int, usage: Usage) -> CompletionChunk:
@@ -71,9 +80,26 @@ class Completions(Endpoint):
                                usage=usage)
 
 
-def _logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-    """OpenAI's legacy format; `top_logprobs` always includes the sampled token, as OpenAI's does."""
-    result = CompletionLogprobs()
+    def _logprobs(self, sample: Sample, logprobs: list[TokenLogprob], offset: int, with_echo: bool
+                  ) -> CompletionLogprobs:
+        """OpenAI's legacy format, from `offset` in the completion's text; `with_echo` puts the echoed
+        prompt's tokens first (the first with no logprob, as it has no context).
+        `top_logprobs` always includes the token itself, as OpenAI's does."""
+        result = CompletionLogprobs()
+        if sample.echo is not None:
+            offset += len(sample.echo)  # the completion's text follows the echoed prompt
+            if with_echo:
+                first_token = self.state.engine.tokenizer.decode(sample.prompt_ids[:1])
+                result.tokens.append(first_token)
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                result.text_offset.append(0)
+                _append(result, sample.prompt_logprobs[1:], len(first_token))
+        _append(result, logprobs, offset)
+        return result
+
+
+def _append(result: CompletionLogprobs, logprobs: list[TokenLogprob], offset: int) -> None:
     for lp in logprobs:
         result.tokens.append(lp.token)
         result.token_logprobs.append(lp.logprob)
@@ -82,4 +108,3 @@ def _logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
         result.top_logprobs.append(top)
         result.text_offset.append(offset)
         offset += len(lp.token)
-    return result

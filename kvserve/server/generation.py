@@ -27,9 +27,12 @@ class Sample:
 
     index: int
     prompt_index: int
+    prompt_ids: list[int]
     params: SamplingParams
+    echo: str | None = None  # the prompt's text, when the response repeats it before the completion
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # from the first output, when asked for
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -40,6 +43,8 @@ class Sample:
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         self.logprobs.extend(out.logprobs or ())
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
         if out.finished:
@@ -48,16 +53,18 @@ class Sample:
 
 class Generation:
     def __init__(self, state: ServerState, request_id: str, prompts: Sequence[list[int]], params: SamplingParams,
-                 n: int, policy: PolicyParams | None) -> None:
-        """Admit the request (a 429 when the queue is full); nothing runs until `outputs()` is iterated."""
+                 n: int, policy: PolicyParams | None, echo: Sequence[str] | None = None) -> None:
+        """Admit the request (a 429 when the queue is full); nothing runs until `outputs()` is iterated.
+        `echo`: each prompt's text, for responses that repeat it."""
         self.state = state
         self.request_id = request_id
         self.prompts = prompts
         self.policy = policy
         self.policy_name = (policy or state.default_policy).name
         # with a seed, sample i draws from seed + i: reproducible, yet the n samples differ (as in vLLM)
-        self.samples = [Sample(p * n + i, p, params if params.seed is None or i == 0
-                               else dataclasses.replace(params, seed=params.seed + i))
+        self.samples = [Sample(p * n + i, p, prompts[p], params if params.seed is None or i == 0
+                               else dataclasses.replace(params, seed=params.seed + i),
+                               None if echo is None else echo[p])
                         for p in range(len(prompts)) for i in range(n)]
         self.first_output_time: float | None = None
         self._released: set[int] = set()

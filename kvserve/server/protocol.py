@@ -135,8 +135,6 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise FieldError("echo is not supported (the engine does not return prompt logprobs)", "echo")
         if self.suffix:
             raise FieldError("suffix (insertion) is not supported", "suffix")
         if self.best_of not in (None, self.n):
@@ -217,7 +215,7 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

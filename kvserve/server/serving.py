@@ -65,6 +65,10 @@ class Endpoint(ABC):
     def num_logprobs(self, req: Any) -> int | None:
         """Alternatives to return per token (None: no logprobs at all)."""
 
+    def echo(self, req: Any, prompts: list[list[int]]) -> list[str] | None:
+        """Each prompt's text when the response repeats it (completions' `echo`); None otherwise."""
+        return None
+
     @abstractmethod
     def logged_prompt(self, req: Any) -> Any:
         """The prompt as it is logged with --log-prompts."""
@@ -131,7 +135,10 @@ class Endpoint(ABC):
                 logprobs=self.num_logprobs(req))
         except ValueError as e:
             raise invalid_request(e) from None
-        return Generation(state, request_id, prompts, params, req.n, req.policy)
+        echo = self.echo(req, prompts)
+        if echo is not None and params.logprobs is not None:  # the echoed prompt carries its logprobs too
+            params.prompt_logprobs = params.logprobs
+        return Generation(state, request_id, prompts, params, req.n, req.policy, echo)
 
     def check_context(self, prompts: list[list[int]], max_tokens: int, prompt_param: str, max_param: str) -> None:
         limit = self.state.engine.max_model_len
