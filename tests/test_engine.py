@@ -265,10 +265,14 @@ def test_kept_stop_strings_special_tokens_and_allowed_ids(engine, invariance_pro
 def test_prompt_logprobs_match_transformers(engine, hf_model):
     ids = text_prompts(engine, [1300])[0]  # prefilled in two chunks of this engine's 1,024-token steps
     scored = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3)
-    outputs, plain = run_requests(engine, [(ids, scored), (text_prompts(engine, [40])[0], GREEDY)])
+    only_scored = SamplingParams(max_tokens=0, prompt_logprobs=0)  # no tokens: it ends once its prompt is in
+    outputs, plain, scoring = run_requests(engine, [(ids, scored), (text_prompts(engine, [40])[0], GREEDY),
+                                                    (ids, only_scored)])
     prompt_logprobs = outputs[0].prompt_logprobs
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(ids)
     assert all(out.prompt_logprobs is None for out in outputs[1:] + plain)
+    assert len(scoring) == 1 and scoring[0].finished and scoring[0].token_ids == []
+    assert [lp.logprob for lp in scoring[0].prompt_logprobs[1:]] == [lp.logprob for lp in prompt_logprobs[1:]]
     with torch.no_grad():
         expected = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
     got = torch.tensor([lp.logprob for lp in prompt_logprobs[1:]])

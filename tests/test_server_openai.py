@@ -147,6 +147,11 @@ def test_echo_repeats_the_prompt_with_its_logprobs(client: openai.OpenAI) -> Non
     streamed = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=3, temperature=0, echo=True,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == echoed.text
+    # max_tokens 0 only scores the prompt, as OpenAI's legacy completions did
+    scored = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=0, echo=True, logprobs=2)
+    assert scored.choices[0].text == COUNTING and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.tokens == lp.tokens[:prompt_len]
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:prompt_len], abs=1e-5)
     by_ids = client.completions.create(model=MODEL, prompt=[[101, 102, 103]], max_tokens=1, temperature=0, echo=True)
     assert by_ids.choices[0].text.startswith(load_tokenizer(resolve_model(None)).decode([101, 102, 103]))
 

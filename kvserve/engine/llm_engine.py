@@ -119,16 +119,24 @@ class LLMEngine:
         for seq, pages in zip(batch.seqs, self.runner.kv_pages_held([s.row for s in batch.seqs])):
             seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
         self.policies.after_step(batch, meta)
+        outputs = []
+        # a request for no tokens (max_tokens 0: scoring a prompt) ends once its prompt is in
+        if any(batch.seqs[i].params.max_tokens == 0 for i in sampling):
+            rows = [j for j, i in enumerate(sampling) if batch.seqs[i].params.max_tokens > 0]
+            for i in sampling:
+                if batch.seqs[i].params.max_tokens == 0:
+                    batch.seqs[i].finish_reason = "length"
+                    outputs.append(self._finish(batch.seqs[i]))
+            sampling, logits = [sampling[j] for j in rows], logits[rows]
         if not sampling:
             self._snapshot_bytes_held()
-            return []
+            return outputs
         sampled = [batch.seqs[i] for i in sampling]
         logits = logits[:len(sampling)]
         result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled],
                         [s.output_token_ids for s in sampled], [s.prompt_token_ids for s in sampled],
                         [self._stop_ids(s) if len(s.output_token_ids) < s.params.min_tokens else [] for s in sampled])
         now = time.monotonic()
-        outputs = []
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
             if seq.forced_tokens is not None:

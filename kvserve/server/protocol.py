@@ -110,7 +110,7 @@ Prompt = Text | list[Text] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = Field(None, ge=1)  # None: OpenAI's default of 16
+    max_tokens: int | None = Field(None, ge=0)  # None: OpenAI's default of 16; 0 (with echo): score the prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -135,6 +135,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens must be at least 1; 0 (scoring the prompt) needs echo", "max_tokens")
         if self.suffix:
             raise FieldError("suffix (insertion) is not supported", "suffix")
         if self.best_of not in (None, self.n):
