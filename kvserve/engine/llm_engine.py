@@ -90,8 +90,7 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None:
             return None
-        seq.finish_reason = "abort"
-        out = self._finish(seq)
+        out = self._finish(seq, "abort")
         self._snapshot_bytes_held()
         return out
 
@@ -111,28 +110,20 @@ class LLMEngine:
         if not batch.seqs:
             return []
         logits, sampling, spans, meta = self.runner.execute(batch, *self.policies.observations(batch))
-        if spans:
-            rows = logits[len(sampling):].split([span.count for span in spans])
-            for span, span_logits in zip(spans, rows):
-                self._add_prompt_logprobs(batch.seqs[span.seq], span.first, span_logits)
+        logits, prompt_logits = logits[:len(sampling)], logits[len(sampling):]
+        for span, span_logits in zip(spans, prompt_logits.split([span.count for span in spans])):
+            self._add_prompt_logprobs(batch.seqs[span.seq], span.first, span_logits)
         # the peak is reached now, before the policies cut the step's new tokens back
         for seq, pages in zip(batch.seqs, self.runner.kv_pages_held([s.row for s in batch.seqs])):
             seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
         self.policies.after_step(batch, meta)
-        outputs = []
-        # a request for no tokens (max_tokens 0: scoring a prompt) ends once its prompt is in
-        if any(batch.seqs[i].params.max_tokens == 0 for i in sampling):
-            rows = [j for j, i in enumerate(sampling) if batch.seqs[i].params.max_tokens > 0]
-            for i in sampling:
-                if batch.seqs[i].params.max_tokens == 0:
-                    batch.seqs[i].finish_reason = "length"
-                    outputs.append(self._finish(batch.seqs[i]))
-            sampling, logits = [sampling[j] for j in rows], logits[rows]
+        # a request for no tokens (max_tokens 0) only scores its prompt: it ends once the prompt is in
+        outputs = [self._finish(seq, "length") for seq in batch.seqs
+                   if not seq.params.max_tokens and seq.num_computed == seq.num_tokens]
         if not sampling:
             self._snapshot_bytes_held()
             return outputs
         sampled = [batch.seqs[i] for i in sampling]
-        logits = logits[:len(sampling)]
         result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled],
                         [s.output_token_ids for s in sampled], [s.prompt_token_ids for s in sampled],
                         [self._stop_ids(s) if len(s.output_token_ids) < s.params.min_tokens else [] for s in sampled])
@@ -220,7 +211,9 @@ class LLMEngine:
             metrics=seq.metrics if finished else None,
             prompt_logprobs=seq.prompt_logprobs if first_output and seq.params.prompt_logprobs is not None else None)
 
-    def _finish(self, seq: Sequence) -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: str | None = None) -> RequestOutput:
+        """Retire a sequence; `reason` sets its finish_reason (else it was set already)."""
+        seq.finish_reason = reason or seq.finish_reason
         usage = self._kv_usage(seq)
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)

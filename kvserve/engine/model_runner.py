@@ -56,10 +56,10 @@ class ModelRunner:
                 query_windows: list[int] | None = None
                 ) -> tuple[torch.Tensor, list[int], list[PromptSpan], AttentionMetadata]:
         """Run the batch; return logits [n + m, vocab], the batch indices of the n sampling sequences
-        (the first n rows), the spans of prompt positions whose logits requests asked for (the other m
-        rows, in order), and the step's metadata (with the observations the policies asked for: decode
-        scores, the probabilities of `windows[i]` and the query energy of `query_windows[i]` prefill
-        queries of sequence i)."""
+        (the first n rows; a request for no tokens samples nothing), the spans of prompt positions
+        whose logits requests asked for (the other m rows, in order), and the step's metadata (with the
+        observations the policies asked for: decode scores, the probabilities of `windows[i]` and the
+        query energy of `query_windows[i]` prefill queries of sequence i)."""
         seqs = batch.seqs
         counts = torch.tensor(batch.counts)
         rows = torch.tensor([s.row for s in seqs])
@@ -87,12 +87,15 @@ class ModelRunner:
             query_windows=torch.tensor(query_windows)[prefill_rows] if query_windows and any(query_windows) else None,
             tier_views=self.tiers.views(rows[decode_rows]) if self.tiers.tiers and decode_rows.numel() else [],
         )
-        sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts)) if s.num_computed + c == s.num_tokens]
+        sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts))
+                    if s.num_computed + c == s.num_tokens and s.params.max_tokens]
+        logits_index = ends[sampling] - 1
         spans = self._prompt_spans(batch)
-        chunk_starts = ends - counts  # where each sequence's tokens begin in the flat batch
-        logits_index = torch.cat([ends[sampling] - 1] + [
-            chunk_starts[span.seq] + span.first - seqs[span.seq].num_computed + torch.arange(span.count)
-            for span in spans])
+        if spans:
+            chunk_starts = ends - counts  # where each sequence's tokens begin in the flat batch
+            logits_index = torch.cat([logits_index] + [
+                chunk_starts[span.seq] + span.first - seqs[span.seq].num_computed + torch.arange(span.count)
+                for span in spans])
         device = self.device
         logits = self.model.forward(input_ids.to(device), positions.to(device), meta.to(device), self.backend,
                                     logits_index.to(device)).cpu()

@@ -124,6 +124,8 @@ class Endpoint(ABC):
         state.check_model(req.model)
         prompts = self.prompt_token_ids(req)
         max_tokens = self.max_tokens(req, prompts)
+        echo = self.echo(req, prompts)
+        logprobs = self.num_logprobs(req)
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -132,12 +134,9 @@ class Endpoint(ABC):
                 stop=req.stop_list, stop_token_ids=list(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 min_tokens=req.min_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens, allowed_token_ids=req.allowed_token_ids,
-                logprobs=self.num_logprobs(req))
+                logprobs=logprobs, prompt_logprobs=logprobs if echo is not None else None)  # an echo's too
         except ValueError as e:
             raise invalid_request(e) from None
-        echo = self.echo(req, prompts)
-        if echo is not None and params.logprobs is not None:  # the echoed prompt carries its logprobs too
-            params.prompt_logprobs = params.logprobs
         return Generation(state, request_id, prompts, params, req.n, req.policy, echo)
 
     def check_context(self, prompts: list[list[int]], max_tokens: int, prompt_param: str, max_param: str) -> None:
