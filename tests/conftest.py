@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
+from kvserve.server.ports import free_local_port
 
 # Without a GPU the Triton kernels run under the interpreter; Triton reads this when it is first
 # imported, so it must be set before any test module imports the kernels.
@@ -31,9 +32,7 @@ class ServerProcess:
     """`python -m kvserve serve` on a free local port; its output goes to a log file."""
 
     def __init__(self, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_local_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="kvserve-test-", suffix=".log")[1])
         self._log = self.log_path.open("w")

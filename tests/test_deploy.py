@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import openai
 import pytest
 
 from deploy.ray_serve.engine_replica import REPLICA_HEADER
+from kvserve.server.ports import free_local_port
 
 REPLICA = REPLICA_HEADER.decode()
 STARTUP_TIMEOUT_S = 240
@@ -36,9 +36,7 @@ class RayServeProcess:
     """The CLI in its own session, so that stopping it can never signal this test's process group."""
 
     def __init__(self, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_local_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="kvserve-ray-", suffix=".log")[1])
         self._log = self.log_path.open("w")

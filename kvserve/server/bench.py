@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import httpx
 import numpy as np
 
 from kvserve.model.loader import resolve_model
+from kvserve.server.ports import free_local_port
 
 WORDS = ("river mountain quiet lantern history engine garden silver market winter harbor letter orchard signal "
          "painter bridge valley thunder library compass meadow candle voyage window forest copper island "
@@ -96,12 +96,6 @@ async def run_clients(url: str, bodies: list[dict]) -> list[Result]:
         return await asyncio.gather(*(stream_one(client, url, body) for body in bodies))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(command: list[str], url: str, env: dict[str, str] | None = None) -> Iterator[None]:
     log = tempfile.TemporaryFile()
@@ -145,7 +139,7 @@ def transformers_model_folder(folder: Path, scratch: Path) -> Path:
 
 
 def bench_kvserve(args: argparse.Namespace, texts: list[str]) -> Summary:
-    port = free_port()
+    port = free_local_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "kvserve", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--dtype", args.dtype, *(["--model", args.model] if args.model else []), *args.kvserve_args]
@@ -156,7 +150,7 @@ def bench_kvserve(args: argparse.Namespace, texts: list[str]) -> Summary:
 
 
 def bench_transformers(args: argparse.Namespace, texts: list[str], folder: Path) -> Summary:
-    port = free_port()
+    port = free_local_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
                "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--device", args.hf_device]
