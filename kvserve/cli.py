@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from kvserve.engine.config import ATTENTION_BACKENDS, EngineConfig
+from kvserve.engine.config import ATTENTION_BACKENDS, SCHEDULING_POLICIES, EngineConfig
 from kvserve.eval.args import add_concurrency_args, add_eval_args
 
 
@@ -25,6 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: triton on a GPU; on a CPU the compiled kernels (cpu), or the torch "
                              "references where no C++ compiler is found")
     parser.add_argument("--kv-policy", default=None, help="default policy: a name or a JSON object")
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
+                        help="fcfs: arrival order; priority: by each request's `priority` (lower first), then "
+                             "arrival, and the least urgent running request is preempted first")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +47,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        attention_backend=args.attention_backend, kv_policy=args.kv_policy)
+                        attention_backend=args.attention_backend, kv_policy=args.kv_policy,
+                        scheduling_policy=args.scheduling_policy)
 
 
 def main(argv: list[str] | None = None) -> int:

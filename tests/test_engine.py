@@ -3,6 +3,8 @@ preemption, sampling and the passkey check. The model loads once for this module
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -343,3 +345,66 @@ def test_stop_string_prefix_is_held_back_until_resolved(engine):
         if stop:
             break
     assert stop == " gamma delta" and emitted == "alpha beta"
+
+
+def test_bad_words_ban_single_and_multi_token_words(engine):
+    from kvserve.engine.bad_words import bad_word_bans, bad_words_token_ids
+
+    prompt = engine.tokenizer("The capital of France is")["input_ids"]
+    plain = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    greedy = engine.generate([prompt], SamplingParams(**plain))[0]
+    paris, period = engine.tokenizer(" Paris.")["input_ids"]
+    assert greedy[:2] == [paris, period]
+    # "Paris." is two tokens either way it is written: after " Paris" the "." is banned
+    assert bad_words_token_ids(engine.tokenizer, ["Paris."]) == [engine.tokenizer("Paris.")["input_ids"],
+                                                                 [paris, period]]
+    assert bad_word_bans([[paris, period]], [paris]) == [period] and bad_word_bans([[paris, period]], [7]) == []
+    no_period, no_paris, untouched = map(tokens_of, run_requests(engine, [
+        (prompt, SamplingParams(**plain, bad_words=["Paris."])),
+        (prompt, SamplingParams(**plain, bad_words=["  Paris"])),
+        (prompt, SamplingParams(**plain))]))
+    assert no_period[0] == paris and no_period[1] != period
+    assert paris not in no_paris and "Paris" not in engine.tokenizer.decode(no_paris)
+    assert untouched == greedy
+
+
+def test_priority_policy_orders_the_queue_and_preempts_the_least_urgent(engine, tmp_path_factory):
+    import shutil
+
+    from tests.helpers import save_tiny_model
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("priority"), "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the engine detokenizes: any tokenizer will do
+        shutil.copy(Path(engine.runner.folder) / name, folder)
+    folder = str(folder)
+    fcfs = LLMEngine(EngineConfig(model=folder, kv_cache_memory=1 << 20))
+    with pytest.raises(InvalidRequest) as e:
+        fcfs.add_request("urgent", [1, 2, 3], GREEDY, priority=-1)
+    assert e.value.param == "priority"
+
+    # one sequence at a time: requests start in (priority, arrival) order
+    one_at_a_time = LLMEngine(EngineConfig(model=folder, kv_cache_memory=1 << 20, max_num_seqs=1,
+                                           scheduling_policy="priority"))
+    for name, priority in (("late", 3), ("first", 0), ("second", 1), ("third", 1)):
+        one_at_a_time.add_request(name, [5, 6, 7], SamplingParams(max_tokens=2, temperature=0), priority=priority)
+    started = []
+    while one_at_a_time.has_unfinished():
+        started += [out.request_id for out in one_at_a_time.step() if out.request_id not in started]
+    assert started == ["first", "second", "third", "late"]
+
+    # 60 pages (and the pool's reserved one): both fit at first, and the first to run out of pages is the
+    # less urgent, though admitted first
+    page_bytes = one_at_a_time.runner.pool.page_bytes
+    busy = LLMEngine(EngineConfig(model=folder, kv_cache_memory=61 * page_bytes, scheduling_policy="priority"))
+    assert busy.runner.pool.capacity == 60
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    busy.add_request("background", list(range(1, 41)), params, priority=5)
+    busy.step()
+    busy.add_request("urgent", list(range(41, 81)), params, priority=0)
+    finals = {}
+    while busy.has_unfinished():
+        finals |= {out.request_id: out for out in busy.step() if out.finished}
+    assert finals["background"].metrics.num_preemptions >= 1
+    assert finals["urgent"].metrics.num_preemptions == 0
+    assert finals["urgent"].completion_tokens == finals["background"].completion_tokens == 60
+    assert busy.runner.pool.pages_free == 60

@@ -63,6 +63,20 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> dict:
     ("/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
     ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 3}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": "hi"}, "bad_words"),
+    ("/v1/completions", {"prompt": "hi", "request_id": ""}, "request_id"),
+    ("/v1/completions", {"prompt": "hi", "priority": 1}, "priority"),  # the server is first-come first-served
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": 1.5}},
+     "stream_options.continuous_usage_stats"),
+    ("/v1/chat/completions", {"messages": USER, "continue_final_message": True}, "continue_final_message"),
+    ("/v1/chat/completions", {"messages": USER, "chat_template_kwargs": []}, "chat_template_kwargs"),
+    ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", {"messages": USER, "guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
 ])
 def test_invalid_fields_are_400_naming_the_field(server: str, path: str, body: dict, param: str) -> None:
     error = assert_error(post(server, path, body), 400, param)
@@ -138,8 +152,8 @@ sampling_fields = {
     "stop_token_ids": mostly(st.one_of(st.none(), token_ids), st.lists(st.integers(-5, 10**6), max_size=2)),
     "ignore_eos": mostly(st.booleans(), st.just("yes")),
     "stream": st.booleans(),
-    "stream_options": mostly(st.one_of(st.none(), st.fixed_dictionaries({"include_usage": st.booleans()})),
-                             small_text),
+    "stream_options": mostly(st.one_of(st.none(), st.fixed_dictionaries(
+        {"include_usage": st.booleans()}, optional={"continuous_usage_stats": st.booleans()})), small_text),
     "kv_policy": mostly(st.sampled_from([None, "full", {"name": "full"}, '{"name": "full"}']),
                         st.one_of(small_text, st.sampled_from(['{"name": ', {"name": "h2o", "ratio": 0.5}]),
                                   st.dictionaries(small_text, json_values, max_size=2))),
@@ -153,6 +167,13 @@ sampling_fields = {
     "allowed_token_ids": mostly(st.one_of(st.none(), token_ids), st.sampled_from([[], [-1], [10**6], "x"])),
     "include_stop_str_in_output": st.booleans(),
     "skip_special_tokens": st.booleans(),
+    "bad_words": mostly(st.one_of(st.none(), st.lists(small_text, max_size=2)), st.sampled_from(["x", [1]])),
+    "prompt_logprobs": mostly(st.one_of(st.none(), st.integers(0, 3)), st.sampled_from([-1, 21, "x"])),
+    "truncate_prompt_tokens": mostly(st.one_of(st.none(), st.integers(-1, 3)), st.sampled_from([-2, "x"])),
+    "return_token_ids": st.booleans(),
+    "request_id": mostly(st.one_of(st.none(), small_text), st.integers()),
+    "priority": mostly(st.just(0), st.sampled_from([1, -1, 2**40, "x"])),
+    "use_beam_search": mostly(st.just(False), st.just(True)),
 }
 prompt = mostly(st.one_of(st.text(min_size=1, max_size=12), st.lists(st.text(min_size=1, max_size=12), min_size=1,
                                                                      max_size=2),
@@ -179,7 +200,11 @@ def chat_bodies() -> st.SearchStrategy[object]:
         {"messages": mostly(st.lists(message, min_size=1, max_size=3), json_values), "max_tokens": st.integers(1, 3)},
         optional={**{k: v for k, v in sampling_fields.items() if k != "max_tokens"},
                   "max_completion_tokens": mostly(st.integers(1, 3), st.sampled_from([-1, 0, "x"])),
-                  "logprobs": st.booleans(), "top_logprobs": mostly(st.integers(0, 20), st.integers(-1, 22))})
+                  "logprobs": st.booleans(), "top_logprobs": mostly(st.integers(0, 20), st.integers(-1, 22)),
+                  "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(),
+                  "echo": st.booleans(),
+                  "chat_template_kwargs": mostly(st.one_of(st.none(), st.dictionaries(small_text, json_values,
+                                                                                      max_size=2)), small_text)})
     return mostly(fields, json_values)
 
 

@@ -77,7 +77,7 @@ class DeadEngine:
     model_config = SimpleNamespace(vocab_size=100)
 
     @staticmethod
-    def tokenizer(texts: list[str]) -> dict[str, list[list[int]]]:
+    def tokenizer(texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
         return {"input_ids": [[1, 2, 3] for _ in texts]}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -54,14 +54,14 @@ class AsyncEngine:
         return self.engine.stats()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       kv_policy: Any = None) -> AsyncIterator[RequestOutput]:
+                       kv_policy: Any = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early aborts the request."""
         if not self.is_alive():
             raise EngineDeadError("the engine loop is not running")
         out_queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = out_queue
         # validation runs in the engine thread; its error comes back through the queue
-        self._send("add", (request_id, prompt_token_ids, params, kv_policy))
+        self._send("add", (request_id, prompt_token_ids, params, kv_policy, priority))
         finished = False
         try:
             while not finished:

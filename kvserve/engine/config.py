@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,10 +35,13 @@ class EngineConfig:
     attention_backend: str = "auto"
     kv_policy: str | None = None  # the default policy of requests that name none (name or JSON)
     device: str = "auto"  # auto: cuda when available, else cpu
+    scheduling_policy: str = "fcfs"  # priority: requests queue by their `priority` (lower first), then arrival
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from kvserve.engine.bad_words import bad_word_bans, bad_words_token_ids
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.errors import InvalidRequest
@@ -42,7 +43,8 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = load_tokenizer(self.runner.folder)
-        self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens,
+                                   by_priority=config.scheduling_policy == "priority")
         self.policies = PolicyRunner(self.runner.table, self.runner.tiers, self.model_config.group_size)
         self.default_policy = parse_policy(config.kv_policy)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -54,9 +56,11 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    kv_policy: Any = None) -> None:
+                    kv_policy: Any = None, priority: int = 0) -> None:
         if request_id in self.seqs:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
+        if priority and not self.scheduler.by_priority:
+            raise InvalidRequest("priority needs the server's --scheduling-policy priority", "priority")
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
@@ -80,8 +84,9 @@ class LLMEngine:
             policy_params=policy_params, policy=policy,
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                                params.skip_special_tokens),
-            seed=params.seed if params.seed is not None else random.getrandbits(63),
+            seed=params.seed if params.seed is not None else random.getrandbits(63), priority=priority,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
+            bad_words_ids=bad_words_token_ids(self.tokenizer, params.bad_words),
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -126,7 +131,7 @@ class LLMEngine:
         sampled = [batch.seqs[i] for i in sampling]
         result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled],
                         [s.output_token_ids for s in sampled], [s.prompt_token_ids for s in sampled],
-                        [self._stop_ids(s) if len(s.output_token_ids) < s.params.min_tokens else [] for s in sampled])
+                        [self._banned(s) for s in sampled])
         now = time.monotonic()
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
@@ -159,6 +164,12 @@ class LLMEngine:
         """The tokens that would end this sequence: its stop token ids, and EOS unless ignored."""
         return [*seq.params.stop_token_ids, *(() if seq.params.ignore_eos else self.eos_token_ids)]
 
+    def _banned(self, seq: Sequence) -> list[int]:
+        """The tokens it may not sample this step: those that would stop it before min_tokens, and
+        those that would complete a bad word."""
+        banned = self._stop_ids(seq) if len(seq.output_token_ids) < seq.params.min_tokens else []
+        return banned + bad_word_bans(seq.bad_words_ids, seq.output_token_ids) if seq.bad_words_ids else banned
+
     def _check_stop(self, seq: Sequence, token: int) -> None:
         # before min_tokens nothing stops it (the sampler kept stop tokens out), as in vLLM
         stop_string = seq.detokenizer.add(token, find_stop=len(seq.output_token_ids) >= seq.params.min_tokens)
@@ -172,24 +183,26 @@ class LLMEngine:
             seq.finish_reason = "length"
 
     def _token_logprob(self, token: int, logprob: float, top_ids: torch.Tensor | None,
-                       top_logprobs: torch.Tensor | None) -> TokenLogprob:
+                       top_logprobs: torch.Tensor | None, rank: int | None = None) -> TokenLogprob:
         decode = self.tokenizer.decode
         alternatives = []
         if top_ids is not None:
             ids = top_ids.tolist()
             alternatives = list(zip(ids, [decode([t]) for t in ids], top_logprobs.tolist()))
-        return TokenLogprob(token, decode([token]), logprob, alternatives)
+        return TokenLogprob(token, decode([token]), logprob, alternatives, rank)
 
     def _add_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
         """The logprobs of prompt tokens first + 1 ... from the logits at positions first ..."""
         logprobs = torch.log_softmax(logits, dim=-1)
         targets = seq.prompt_token_ids[first + 1:first + 1 + logits.shape[0]]
-        chosen = logprobs.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+        chosen = logprobs.gather(1, torch.tensor(targets)[:, None])
+        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+        chosen = chosen[:, 0].tolist()
         top = seq.params.prompt_logprobs
         top_logprobs, top_ids = logprobs.topk(top, dim=-1) if top else (None, None)
         for j, token in enumerate(targets):
             seq.prompt_logprobs.append(self._token_logprob(token, chosen[j], top_ids[j] if top else None,
-                                                           top_logprobs[j] if top else None))
+                                                           top_logprobs[j] if top else None, ranks[j]))
 
     def _kv_usage(self, seq: Sequence) -> KVUsage:
         runner = self.runner

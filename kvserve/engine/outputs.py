@@ -11,6 +11,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, text, logprob)
+    rank: int | None = None  # 1 for the most likely token; given for prompt tokens (vLLM's prompt_logprobs)
 
 
 @dataclass

@@ -69,7 +69,8 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: l
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
                   prompts: list[list[int]], banned: list[list[int]]) -> torch.Tensor:
     """Each row's own edits before sampling, computed only where some row asks: allowed_token_ids,
-    logit_bias, the tokens `banned` this step (stop tokens before min_tokens), then the penalties."""
+    logit_bias, the tokens `banned` this step (stop tokens before min_tokens, the last tokens of bad
+    words), then the penalties."""
     restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if restricted:
         allowed = torch.zeros_like(logits, dtype=torch.bool)

@@ -26,6 +26,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # vLLM's: a matched stop string stays in the text
     skip_special_tokens: bool = True  # vLLM's: special tokens (EOS, chat markers) are left out of the text
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
+    bad_words: list[str] = field(default_factory=list)  # vLLM's: words the output may not contain
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, with this many alternatives
 

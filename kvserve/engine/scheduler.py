@@ -1,17 +1,24 @@
 """Continuous batching: which sequences advance in the next step, and by how many tokens.
 
 Each step: every running sequence that is decoding gets its one token first; then running
-sequences still prefilling get chunks; then waiting requests are admitted in arrival order, each
+sequences still prefilling get chunks; then waiting requests are admitted in queue order, each
 only when its row, its chunk and the pages its prompt will need fit. Prefill chunks end at fixed
 multiples of `prefill_chunk` tokens of their sequence, whatever else is in the batch: policies act
 after every chunk, so this keeps a request's result independent of the traffic around it. The step holds at most
-`max_num_batched_tokens` tokens and `max_num_seqs` sequences. When the pool runs out, the most
-recently admitted running sequence is preempted: its pages are freed and it goes back to the
-front of the queue to be recomputed. Arrival order is never overtaken, so nothing starves.
+`max_num_batched_tokens` tokens and `max_num_seqs` sequences. When the pool runs out, the running
+sequence last in queue order is preempted: its pages are freed and it goes back into the queue, at
+its place, to be recomputed.
+
+Queue order is arrival order ("fcfs"; then the victim is the most recently admitted sequence, and
+since arrival order is never overtaken nothing starves), or with the "priority" policy each
+request's `priority` (lower first; vLLM's convention), arrival breaking ties: there a steady flow of
+urgent requests may hold back less urgent ones indefinitely, as it is meant to.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -34,20 +41,38 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, table: PageTable, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, by_priority: bool = False) -> None:
         self.table = table
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # room for a whole chunk beside a full set of decode tokens
         self.prefill_chunk = prefill_chunk or max(1, min(max_num_batched_tokens - max_num_seqs,
                                                          max_num_batched_tokens // 2))
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.by_priority = by_priority
+        self.waiting: deque[Sequence] = deque()  # in queue order
+        self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
         self._heads = table.num_layers * table.kv_heads
+        self._arrivals = itertools.count()
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        seq.arrival = next(self._arrivals)
+        self._enqueue(seq)
+
+    def _queue_key(self, seq: Sequence) -> tuple[int, int]:
+        return (seq.priority if self.by_priority else 0, seq.arrival)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Into the waiting queue at its place in queue order (a new arrival usually goes last)."""
+        key = self._queue_key(seq)
+        if not self.waiting or key > self._queue_key(self.waiting[-1]):
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(bisect.bisect([self._queue_key(s) for s in self.waiting], key), seq)
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt first: the last in queue order."""
+        return max(self.running, key=self._queue_key)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -59,7 +84,7 @@ class Scheduler:
         batch = self._schedule_once()
         # prefilling sequences admitted together can block each other on pages; the newest yields
         while not batch.seqs and self.running:
-            self.preempt(self.running[-1])
+            self.preempt(self._victim())
             batch = self._schedule_once()
         return batch
 
@@ -115,12 +140,12 @@ class Scheduler:
         return self.table.pages_needed(rows, torch.tensor([count])) <= self.table.pool.pages_free
 
     def _fit_decodes(self, decoding: list[Sequence]) -> list[Sequence]:
-        """Preempt from the back of `running` until every decoding sequence's next token fits."""
+        """Preempt, last in queue order first, until every decoding sequence's next token fits."""
         while decoding:
             rows = torch.tensor([s.row for s in decoding])
             if self.table.pages_needed(rows, torch.ones_like(rows)) <= self.table.pool.pages_free:
                 break
-            victim = self.running[-1]
+            victim = self._victim()
             self.preempt(victim)
             if victim in decoding:
                 decoding.remove(victim)
@@ -136,7 +161,7 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is and return its pages.

@@ -33,10 +33,13 @@ class Sequence:
     policy: Policy
     detokenizer: IncrementalDetokenizer
     seed: int
+    priority: int = 0  # with the priority scheduling policy: lower runs first
+    arrival: int = 0  # order of arrival at the scheduler (ties between equal priorities)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     # with params.prompt_logprobs: one per prompt token computed so far (the first, None, has no context)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token ids
     num_computed: int = 0
     row: int | None = None
     status: Status = Status.WAITING

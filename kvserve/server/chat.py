@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from jinja2 import TemplateError
 
 from kvserve.engine.outputs import RequestOutput, TokenLogprob
@@ -21,17 +24,25 @@ from kvserve.server.protocol import (
     TopLogprob,
     Usage,
 )
-from kvserve.server.serving import Endpoint
+from kvserve.server.serving import Endpoint, prompt_logprobs_body
 
 
-def render_messages(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:  # noqa: ANN001
-    """The prompt's token ids: the messages through the model's chat template."""
+def render_messages(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,  # noqa: ANN001
+                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+                    add_special_tokens: bool = False) -> list[int]:
+    """The prompt's token ids: the messages through the model's chat template.
+
+    `template_kwargs` become variables of the template (vLLM's chat_template_kwargs); those that
+    would set one of apply_chat_template's own arguments, or the messages, are left out."""
+    reserved = {"messages", *inspect.signature(tokenizer.apply_chat_template).parameters}
+    variables = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
     try:
-        encoded = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                                add_generation_prompt=add_generation_prompt, return_dict=True)
-    except TemplateError as e:  # the template's own checks (e.g. on the order of roles)
+        text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages], tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **variables)
+    except (TemplateError, ValueError) as e:  # the template's own checks (e.g. on the order of roles)
         raise APIError(400, f"messages: the chat template rejected them: {e}", "messages") from None
-    return list(encoded["input_ids"])
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 class ChatCompletions(Endpoint):
@@ -39,7 +50,11 @@ class ChatCompletions(Endpoint):
     path = "/v1/chat/completions"
 
     def prompt_token_ids(self, req: ChatCompletionRequest) -> list[list[int]]:
-        return [render_messages(self.state.engine.tokenizer, req.messages, add_generation_prompt=True)]
+        return [render_messages(self.state.engine.tokenizer, req.messages, req.add_generation_prompt,
+                                req.continue_final_message, req.chat_template_kwargs, req.add_special_tokens)]
+
+    def echo(self, req: ChatCompletionRequest, prompts: list[list[int]]) -> list[str] | None:
+        return None if req.echoed_message is None else [req.echoed_message]
 
     def max_tokens(self, req: ChatCompletionRequest, prompts: list[list[int]]) -> int:
         # OpenAI's default: as many tokens as the context has left
@@ -55,31 +70,45 @@ class ChatCompletions(Endpoint):
 
     def response(self, request_id: str, created: int, samples: list[Sample], usage: Usage,
                  req: ChatCompletionRequest) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=s.index, message=AssistantMessage(content=s.text), finish_reason=s.finish_reason,
-                              stop_reason=s.stop_reason, logprobs=_logprobs(s.logprobs) if req.logprobs else None)
+        choices = [ChatChoice(index=s.index, message=AssistantMessage(content=(s.echo or "") + s.text),
+                              finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                              logprobs=_logprobs(s.logprobs) if req.logprobs else None,
+                              token_ids=s.token_ids if req.return_token_ids else None)
                    for s in samples]
-        return ChatCompletionResponse(id=request_id, created=created, model=self.state.model_name,
-                                      choices=choices, usage=usage)
+        first = samples[0]  # every choice has the one prompt
+        return ChatCompletionResponse(
+            id=request_id, created=created, model=self.state.model_name, choices=choices, usage=usage,
+            prompt_logprobs=None if req.prompt_logprobs is None else prompt_logprobs_body(first.prompt_logprobs),
+            prompt_token_ids=first.prompt_ids if req.return_token_ids else None)
 
-    def opening_chunks(self, request_id: str, created: int, samples: list[Sample]) -> list[ChatCompletionChunk]:
-        return [self._chunk(request_id, created, ChatChunkChoice(index=s.index, delta=Delta(role="assistant",
-                                                                                             content="")))
-                for s in samples]
+    def opening_chunks(self, request_id: str, created: int, samples: list[Sample], req: ChatCompletionRequest
+                       ) -> list[ChatCompletionChunk]:
+        """The role of each choice, then (with echo) the message it continues."""
+        chunks = [self._chunk(request_id, created, ChatChunkChoice(index=s.index, delta=Delta(role="assistant",
+                                                                                               content="")),
+                              prompt_token_ids=s.prompt_ids if req.return_token_ids else None)
+                  for s in samples]
+        return chunks + [self._chunk(request_id, created, ChatChunkChoice(index=s.index, delta=Delta(content=s.echo)))
+                         for s in samples if s.echo]
 
-    def chunk(self, request_id: str, created: int, sample: Sample, out: RequestOutput) -> ChatCompletionChunk | None:
-        if not (out.text or out.logprobs or out.finished):
+    def chunk(self, request_id: str, created: int, sample: Sample, out: RequestOutput, req: ChatCompletionRequest
+              ) -> ChatCompletionChunk | None:
+        if not (out.text or out.logprobs or out.finished or (req.return_token_ids and out.token_ids)):
             return None  # text held back (a possible stop string, a partial character)
         choice = ChatChunkChoice(index=sample.index, delta=Delta(content=out.text),
                                  logprobs=None if out.logprobs is None else _logprobs(out.logprobs),
-                                 finish_reason=out.finish_reason)
+                                 finish_reason=out.finish_reason,
+                                 token_ids=out.token_ids if req.return_token_ids else None)
         return self._chunk(request_id, created, choice)
 
     def usage_chunk(self, request_id: str, created: int, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=request_id, created=created, model=self.state.model_name, choices=[],
                                    usage=usage)
 
-    def _chunk(self, request_id: str, created: int, choice: ChatChunkChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, created=created, model=self.state.model_name, choices=[choice])
+    def _chunk(self, request_id: str, created: int, choice: ChatChunkChoice,
+               prompt_token_ids: list[int] | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=request_id, created=created, model=self.state.model_name, choices=[choice],
+                                   prompt_token_ids=prompt_token_ids)
 
 
 def _logprobs(logprobs: list[TokenLogprob]) -> ChatLogprobs:

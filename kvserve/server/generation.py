@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -31,6 +32,7 @@ class Sample:
     params: SamplingParams
     echo: str | None = None  # the prompt's text, when the response repeats it before the completion
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # from the first output, when asked for
     prompt_tokens: int = 0
@@ -42,6 +44,7 @@ class Sample:
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
+        self.token_ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs or ())
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
@@ -53,13 +56,16 @@ class Sample:
 
 class Generation:
     def __init__(self, state: ServerState, request_id: str, prompts: Sequence[list[int]], params: SamplingParams,
-                 n: int, policy: PolicyParams | None, echo: Sequence[str] | None = None) -> None:
+                 n: int, policy: PolicyParams | None, echo: Sequence[str] | None = None, priority: int = 0) -> None:
         """Admit the request (a 429 when the queue is full); nothing runs until `outputs()` is iterated.
         `echo`: each prompt's text, for responses that repeat it."""
         self.state = state
         self.request_id = request_id
+        # the engine's ids stay unique even when clients reuse a request_id
+        self._engine_prefix = uuid.uuid4().hex
         self.prompts = prompts
         self.policy = policy
+        self.priority = priority
         self.policy_name = (policy or state.default_policy).name
         # with a seed, sample i draws from seed + i: reproducible, yet the n samples differ (as in vLLM)
         self.samples = [Sample(p * n + i, p, prompts[p], params if params.seed is None or i == 0
@@ -72,7 +78,8 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[tuple[Sample, RequestOutput]]:
         engine, metrics = self.state.engine, self.state.metrics
-        streams = [engine.generate(self._engine_id(s), self.prompts[s.prompt_index], s.params, self.policy)
+        streams = [engine.generate(self._engine_id(s), self.prompts[s.prompt_index], s.params, self.policy,
+                                   self.priority)
                    for s in self.samples]
         abandoned = False
         self.state.generations.add(self)
@@ -114,7 +121,7 @@ class Generation:
                     self.state.metrics.aborted(self.policy_name)
 
     def _engine_id(self, sample: Sample) -> str:
-        return f"{self.request_id}-{sample.index}"
+        return f"{self._engine_prefix}-{sample.index}"
 
     def _release(self, sample: Sample) -> None:
         self._released.add(sample.index)

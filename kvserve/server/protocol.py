@@ -1,7 +1,9 @@
 """The OpenAI wire format: request models (validated here, so a bad field is a 400 that names it)
 and response models. Field names follow OpenAI, and vLLM where OpenAI has none (`top_k`, `min_p`,
 `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
-`skip_special_tokens`, `allowed_token_ids`); `kv_policy` is kvserve's extension."""
+`skip_special_tokens`, `allowed_token_ids`, `bad_words`, `prompt_logprobs`, `truncate_prompt_tokens`,
+`return_token_ids`, `request_id`, `priority`, the chat template's switches); `kv_policy` is kvserve's
+extension."""
 
 from __future__ import annotations
 
@@ -34,6 +36,20 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# vLLM request fields that change the output and that kvserve does not implement: set, each is a
+# 400 naming it rather than silently ignored
+UNSUPPORTED_VLLM_FIELDS = {
+    "use_beam_search": "beam search",
+    "structured_outputs": "structured outputs",
+    "guided_json": "guided decoding",
+    "guided_regex": "guided decoding",
+    "guided_choice": "guided decoding",
+    "guided_grammar": "guided decoding",
+    "prompt_embeds": "prompt embeddings",
+    "logits_processors": "custom logits processors",
+}
+
+
 class FieldError(ValueError):
     """A cross-field check that fails; `param` names the field the client should change."""
 
@@ -44,6 +60,7 @@ class FieldError(ValueError):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class SamplingFields(OpenAIModel):
@@ -65,6 +82,12 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    bad_words: list[Text] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last k prompt tokens; -1: the context length
+    return_token_ids: bool = False
+    request_id: str | None = Field(None, min_length=1, max_length=256)  # the response's id, after its prefix
+    priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower runs first; needs --scheduling-policy priority
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -74,12 +97,26 @@ class SamplingFields(OpenAIModel):
 
     _policy: PolicyParams | None = PrivateAttr(None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_vllm_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, feature in UNSUPPORTED_VLLM_FIELDS.items():
+                if data.get(name) not in (None, False):
+                    raise FieldError(f"{name}: {feature} is not supported", name)
+        return data
+
     @model_validator(mode="after")
     def _check_shared(self) -> SamplingFields:
         # validated by the policy's own pydantic model; its PolicyError names the field (kv_policy.budget)
         self._policy = None if self.kv_policy is None else parse_policy(self.kv_policy)
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options is only allowed when stream is true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise FieldError("prompt_logprobs is not available when stream is true", "prompt_logprobs")
+        if self.truncate_prompt_tokens == 0:
+            raise FieldError("truncate_prompt_tokens must be -1 (the context length) or at least 1",
+                             "truncate_prompt_tokens")
         if any(not (key.isascii() and key.isdigit()) for key in self.logit_bias or ()):  # "²" is a digit
             raise FieldError("logit_bias keys must be token ids (non-negative integers, as strings)", "logit_bias")
         return self
@@ -104,6 +141,11 @@ class SamplingFields(OpenAIModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk (vLLM needs include_usage as well)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats  # type: ignore[union-attr]
+
 
 Prompt = Text | list[Text] | list[int] | list[list[int]]
 
@@ -115,6 +157,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's own (a BOS, say) around a text prompt
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -176,11 +219,20 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's chat template switches
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the reply continues the last (assistant) message
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False  # the template writes them already
+    echo: bool = False  # the reply starts with the last message when that is the assistant's
 
     @model_validator(mode="after")
     def _unsupported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise FieldError("continue_final_message needs add_generation_prompt to be false",
+                             "continue_final_message")
         if self.tools:
             raise FieldError("tools (function calling) are not supported", "tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -196,8 +248,23 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def echoed_message(self) -> str | None:
+        """What an `echo` reply starts with: the last message, when it is the assistant's."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else None
+
 
 # ---- responses ----------------------------------------------------------------------------------
+
+
+def _omit_none(value: Any) -> bool:
+    return value is None
+
+
+# vLLM's extras are left out of a body that did not ask for them
+def _extra(default: Any = None) -> Any:
+    return Field(default, exclude_if=_omit_none)
 
 
 class KVCacheUsage(BaseModel):
@@ -221,12 +288,26 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, in prompt_logprobs (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = _extra()
+    prompt_token_ids: list[int] | None = _extra()
+    token_ids: list[int] | None = _extra()
 
 
 class CompletionResponse(BaseModel):
@@ -263,6 +344,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
     stop_reason: str | int | None = None
+    token_ids: list[int] | None = _extra()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -272,10 +354,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
-
-
-def _omit_none(value: Any) -> bool:
-    return value is None
+    prompt_logprobs: PromptLogprobs | None = _extra()
+    prompt_token_ids: list[int] | None = _extra()
 
 
 class Delta(BaseModel):
@@ -289,6 +369,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    token_ids: list[int] | None = _extra()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -297,7 +378,8 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = Field(None, exclude_if=_omit_none)
+    usage: Usage | None = _extra()
+    prompt_token_ids: list[int] | None = _extra()
 
 
 class CompletionChunk(BaseModel):
@@ -306,7 +388,7 @@ class CompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = Field(None, exclude_if=_omit_none)
+    usage: Usage | None = _extra()
 
 
 class ModelCard(BaseModel):

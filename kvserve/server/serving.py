@@ -20,11 +20,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kvserve.engine.async_engine import EngineDeadError
-from kvserve.engine.outputs import RequestOutput
+from kvserve.engine.outputs import RequestOutput, TokenLogprob
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.server.errors import APIError, invalid_request
 from kvserve.server.generation import Generation, Sample
-from kvserve.server.protocol import KVCacheUsage, SamplingFields, Usage
+from kvserve.server.protocol import KVCacheUsage, PromptLogprob, PromptLogprobs, SamplingFields, Usage
 from kvserve.server.request_log import CLIENT_CLOSED, RequestLog
 from kvserve.server.state import ServerState
 
@@ -35,9 +35,12 @@ class ClientDisconnected(Exception):
     pass
 
 
-def json_response(body: BaseModel) -> Response:
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def json_response(body: BaseModel, headers: dict[str, str] | None = None) -> Response:
     # pydantic writes non-finite floats (a -inf logprob) as null, where json.dumps would fail
-    return Response(body.model_dump_json(), media_type="application/json")
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 def sse(payload: BaseModel) -> bytes:
@@ -66,8 +69,12 @@ class Endpoint(ABC):
         """Alternatives to return per token (None: no logprobs at all)."""
 
     def echo(self, req: Any, prompts: list[list[int]]) -> list[str] | None:
-        """Each prompt's text when the response repeats it (completions' `echo`); None otherwise."""
+        """Each prompt's text the response starts with (`echo`); None when it repeats nothing."""
         return None
+
+    def prompt_logprobs(self, req: Any, echo: list[str] | None) -> int | None:
+        """Alternatives per prompt token to score the prompt with (None: not scored)."""
+        return req.prompt_logprobs
 
     @abstractmethod
     def logged_prompt(self, req: Any) -> Any:
@@ -79,11 +86,12 @@ class Endpoint(ABC):
         """The non-streamed body."""
 
     @abstractmethod
-    def opening_chunks(self, request_id: str, created: int, samples: list[Sample]) -> list[BaseModel]:
+    def opening_chunks(self, request_id: str, created: int, samples: list[Sample], req: Any) -> list[BaseModel]:
         """Chunks sent before any token (chat: one carrying the role per choice)."""
 
     @abstractmethod
-    def chunk(self, request_id: str, created: int, sample: Sample, out: RequestOutput) -> BaseModel | None:
+    def chunk(self, request_id: str, created: int, sample: Sample, out: RequestOutput, req: Any
+              ) -> BaseModel | None:
         """The chunk for one output, or None when it carries nothing to send."""
 
     @abstractmethod
@@ -93,7 +101,8 @@ class Endpoint(ABC):
     # ---- the shared flow -----------------------------------------------------------------------
 
     async def handle(self, http: Request, req: SamplingFields) -> Response:
-        request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        # vLLM's: the client may name the request, in the body or in an X-Request-Id header
+        request_id = f"{self.id_prefix}-{req.request_id or http.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex}"
         log = RequestLog(request_id, self.path, req.stream,
                          prompt=self.logged_prompt(req) if self.state.log_prompts else None)
         status, gen, stream_owns_log = 500, None, False
@@ -106,7 +115,7 @@ class Endpoint(ABC):
                 return response
             body = await until_disconnected(http, self._collect(gen, req, created))
             status = 200
-            return json_response(body)
+            return json_response(body, {REQUEST_ID_HEADER: request_id})
         except APIError as e:
             status = e.status
             raise
@@ -123,6 +132,9 @@ class Endpoint(ABC):
         state = self.state
         state.check_model(req.model)
         prompts = self.prompt_token_ids(req)
+        if req.truncate_prompt_tokens is not None:  # the last k tokens, as vLLM keeps them
+            keep = state.engine.max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+            prompts = [ids[-keep:] for ids in prompts]
         max_tokens = self.max_tokens(req, prompts)
         echo = self.echo(req, prompts)
         logprobs = self.num_logprobs(req)
@@ -134,10 +146,11 @@ class Endpoint(ABC):
                 stop=req.stop_list, stop_token_ids=list(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                 min_tokens=req.min_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens, allowed_token_ids=req.allowed_token_ids,
-                logprobs=logprobs, prompt_logprobs=logprobs if echo is not None else None)  # an echo's too
+                bad_words=list(req.bad_words or ()), logprobs=logprobs,
+                prompt_logprobs=self.prompt_logprobs(req, echo))
         except ValueError as e:
             raise invalid_request(e) from None
-        return Generation(state, request_id, prompts, params, req.n, req.policy, echo)
+        return Generation(state, request_id, prompts, params, req.n, req.policy, echo, req.priority)
 
     def check_context(self, prompts: list[list[int]], max_tokens: int, prompt_param: str, max_param: str) -> None:
         limit = self.state.engine.max_model_len
@@ -160,7 +173,7 @@ class Endpoint(ABC):
         with engine_errors():
             first = await anext(outputs)
         stream = _EventStream(self, gen, outputs, first, req, created, log)
-        return SSEResponse(stream.events(), on_close=stream.close)
+        return SSEResponse(stream.events(), on_close=stream.close, headers={REQUEST_ID_HEADER: gen.request_id})
 
 
 class _EventStream:
@@ -173,15 +186,19 @@ class _EventStream:
         self.status = CLIENT_CLOSED
 
     async def events(self) -> AsyncIterator[bytes]:
-        endpoint, rid, created = self.endpoint, self.gen.request_id, self.created
-        for chunk in endpoint.opening_chunks(rid, created, self.gen.samples):
+        endpoint, rid, created, req = self.endpoint, self.gen.request_id, self.created, self.req
+        for chunk in endpoint.opening_chunks(rid, created, self.gen.samples, req):
+            if req.continuous_usage:  # the first output is in already, but none of it is sent yet
+                chunk.usage = sample_usage(self.gen.samples[chunk.choices[0].index], completion_tokens=0)
             yield sse(chunk)
         try:
             with engine_errors():
                 sample, out = self.first
                 while True:
-                    chunk = endpoint.chunk(rid, created, sample, out)
+                    chunk = endpoint.chunk(rid, created, sample, out, req)
                     if chunk is not None:
+                        if req.continuous_usage:
+                            chunk.usage = sample_usage(sample, sample.completion_tokens)
                         yield sse(chunk)
                     try:
                         sample, out = await anext(self.outputs)
@@ -207,8 +224,9 @@ class _EventStream:
 class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -219,6 +237,27 @@ class SSEResponse(StreamingResponse):
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             await self.on_close()
+
+
+def prompt_logprobs_body(logprobs: list[TokenLogprob | None]) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token (the first has none) its own logprob and rank and
+    its top alternatives', keyed by token id."""
+    body: PromptLogprobs = []
+    for lp in logprobs:
+        if lp is None:
+            body.append(None)
+            continue
+        entry = {str(token_id): PromptLogprob(logprob=value, rank=rank, decoded_token=text)
+                 for rank, (token_id, text, value) in enumerate(lp.top, start=1)}
+        entry.setdefault(str(lp.token_id), PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.token))
+        body.append(entry)
+    return body
+
+
+def sample_usage(sample: Sample, completion_tokens: int) -> Usage:
+    """One choice's counts at a chunk (vLLM's continuous usage stats): its prompt and its tokens sent."""
+    prompt = len(sample.prompt_ids)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
 
 
 def usage(gen: Generation) -> Usage:
