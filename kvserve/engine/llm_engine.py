@@ -168,7 +168,9 @@ class LLMEngine:
         """The tokens it may not sample this step: those that would stop it before min_tokens, and
         those that would complete a bad word."""
         banned = self._stop_ids(seq) if len(seq.output_token_ids) < seq.params.min_tokens else []
-        return banned + bad_word_bans(seq.bad_words_ids, seq.output_token_ids) if seq.bad_words_ids else banned
+        if seq.bad_words_ids:
+            banned += bad_word_bans(seq.bad_words_ids, seq.output_token_ids)
+        return banned
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         # before min_tokens nothing stops it (the sampler kept stop tokens out), as in vLLM

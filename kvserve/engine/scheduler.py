@@ -82,7 +82,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = self._schedule_once()
-        # prefilling sequences admitted together can block each other on pages; the newest yields
+        # prefilling sequences admitted together can block each other on pages; the last in queue order yields
         while not batch.seqs and self.running:
             self.preempt(self._victim())
             batch = self._schedule_once()

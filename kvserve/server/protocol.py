@@ -262,7 +262,7 @@ def _omit_none(value: Any) -> bool:
     return value is None
 
 
-# vLLM's extras are left out of a body that did not ask for them
+# fields a body carries only when asked for (vLLM's extras, a chunk's usage)
 def _extra(default: Any = None) -> Any:
     return Field(default, exclude_if=_omit_none)
 
