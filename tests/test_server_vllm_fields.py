@@ -34,8 +34,12 @@ def test_prompt_logprobs_and_token_ids_agree_with_echo_and_the_tokenizer(server:
     # vLLM's shape: None first, then per prompt token its own entry and the 2 most likely, keyed by id
     prompt_logprobs = choice["prompt_logprobs"]
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(prompt_ids)
-    echoed = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True,
-                                              "logprobs": 2}).json()["choices"][0]["logprobs"]
+    # an echo with 1 alternative beside prompt_logprobs with 2: each keeps its own count
+    both = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1,
+                                            "prompt_logprobs": 2}).json()["choices"][0]
+    echoed = both["logprobs"]
+    assert both["prompt_logprobs"] == prompt_logprobs
+    assert all(len(top) <= 2 for top in echoed["top_logprobs"][1:])
     for position, entry in enumerate(prompt_logprobs[1:], start=1):
         own = entry[str(prompt_ids[position])]
         assert abs(own["logprob"] - echoed["token_logprobs"][position]) < 1e-5
