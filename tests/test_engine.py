@@ -359,6 +359,7 @@ def test_bad_words_ban_single_and_multi_token_words(engine):
     assert bad_words_token_ids(engine.tokenizer, ["Paris."]) == [engine.tokenizer("Paris.")["input_ids"],
                                                                  [paris, period]]
     assert bad_word_bans([[paris, period]], [paris]) == [period] and bad_word_bans([[paris, period]], [7]) == []
+    assert bad_words_token_ids(engine.tokenizer, ["", "  "]) == []
     no_period, no_paris, untouched = map(tokens_of, run_requests(engine, [
         (prompt, SamplingParams(**plain, bad_words=["Paris."])),
         (prompt, SamplingParams(**plain, bad_words=["  Paris"])),

@@ -13,12 +13,13 @@ def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
     """Each word's token ids, bare and after a space; the spaced form is kept only where it is a
     different token sequence of the same length (as vLLM keeps it)."""
     token_ids: list[list[int]] = []
-    for word in words:
-        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
-        if bare:
-            token_ids.append(bare)
-        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-        if spaced and spaced != bare and (not bare or (len(spaced) == len(bare) and spaced[0] != bare[0])):
+    for word in (w.lstrip() for w in words):
+        if not word:  # nothing to ban (the bare space it would become is not a word)
+            continue
+        bare = tokenizer.encode(word, add_special_tokens=False)
+        token_ids.append(bare)
+        spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(spaced) == len(bare) and spaced[0] != bare[0]:
             token_ids.append(spaced)
     return token_ids
 
