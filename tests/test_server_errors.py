@@ -69,6 +69,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> dict:
     ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ("/v1/completions", {"prompt": "hi", "bad_words": "hi"}, "bad_words"),
     ("/v1/completions", {"prompt": "hi", "request_id": ""}, "request_id"),
+    ("/v1/completions", {"prompt": "hi", "request_id": "Ā"}, "request_id"),  # it goes back in a header
     ("/v1/completions", {"prompt": "hi", "priority": 1}, "priority"),  # the server is first-come first-served
     ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": 1.5}},
      "stream_options.continuous_usage_stats"),

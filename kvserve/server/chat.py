@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -27,6 +28,12 @@ from kvserve.server.protocol import (
 from kvserve.server.serving import Endpoint, prompt_logprobs_body
 
 
+@functools.cache
+def _template_arguments(tokenizer_class: type) -> frozenset[str]:
+    """Names a template variable may not take: apply_chat_template's own arguments, and `messages`."""
+    return frozenset({"messages", *inspect.signature(tokenizer_class.apply_chat_template).parameters})
+
+
 def render_messages(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,  # noqa: ANN001
                     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
                     add_special_tokens: bool = False) -> list[int]:
@@ -34,7 +41,7 @@ def render_messages(tokenizer, messages: list[ChatMessage], add_generation_promp
 
     `template_kwargs` become variables of the template (vLLM's chat_template_kwargs); those that
     would set one of apply_chat_template's own arguments, or the messages, are left out."""
-    reserved = {"messages", *inspect.signature(tokenizer.apply_chat_template).parameters}
+    reserved = _template_arguments(type(tokenizer))
     variables = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
     try:
         text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages], tokenize=False,

@@ -86,7 +86,8 @@ class SamplingFields(OpenAIModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last k prompt tokens; -1: the context length
     return_token_ids: bool = False
-    request_id: str | None = Field(None, min_length=1, max_length=256)  # the response's id, after its prefix
+    # the response's id, after its prefix; it is sent back in a header, so printable ASCII only
+    request_id: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")
     priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower runs first; needs --scheduling-policy priority
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
@@ -279,6 +280,11 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     kv_cache: KVCacheUsage | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, kv_cache: KVCacheUsage | None = None) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens, kv_cache=kv_cache)
 
 
 class CompletionLogprobs(BaseModel):

@@ -256,21 +256,18 @@ def prompt_logprobs_body(logprobs: list[TokenLogprob | None]) -> PromptLogprobs:
 
 def sample_usage(sample: Sample, completion_tokens: int) -> Usage:
     """One choice's counts at a chunk (vLLM's continuous usage stats): its prompt and its tokens sent."""
-    prompt = len(sample.prompt_ids)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+    return Usage.of(len(sample.prompt_ids), completion_tokens)
 
 
 def usage(gen: Generation) -> Usage:
     """OpenAI's counts (each prompt once, every sample's tokens), and the KV bytes of all the
     request's sequences together."""
-    prompt, completion = gen.prompt_tokens, gen.completion_tokens
     kv = [s.kv_usage for s in gen.samples if s.kv_usage is not None]
     kv_cache = None
     if kv:
         kv_cache = KVCacheUsage(policy=gen.policy_name, bytes=sum(u.bytes for u in kv),
                                 full_bytes=sum(u.full_bytes for u in kv), peak_bytes=sum(u.peak_bytes for u in kv))
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 kv_cache=kv_cache)
+    return Usage.of(gen.prompt_tokens, gen.completion_tokens, kv_cache)
 
 
 @contextmanager
