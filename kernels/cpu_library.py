@@ -5,6 +5,10 @@ The library is plain C++ with OpenMP and no torch headers, so it builds in a few
 torch's OpenMP runtime (libgomp), and every call runs on torch's thread count (`threads()`), whichever
 thread makes it. Where no compiler is found the CPU path runs the torch references instead
 (`available()` says which), and `KVSERVE_CPU_KERNELS=0` asks for the references on purpose.
+
+`KVSERVE_CPU_ISA=avx2` builds for x86-64-v3 (AVX2, FMA, F16C; no AVX-512, no AMX) instead of
+`-march=native`, so that an AVX-512 or AMX host runs the kernels as an AVX2-only CPU would; the
+package's `__init__` caps the libraries under torch the same way (`kvserve.CPU_ISA_CAPS`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ log = logging.getLogger("kvserve.kernels")
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
-FLAGS = ["-O3", "-march=native", "-fno-math-errno",
+ISA_MARCH = {"native": "native", "avx2": "x86-64-v3"}
+CPU_ISA = os.environ.get("KVSERVE_CPU_ISA", "native")
+if CPU_ISA not in ISA_MARCH:
+    raise ValueError(f"KVSERVE_CPU_ISA must be one of {sorted(ISA_MARCH)}, not {CPU_ISA!r}")
+FLAGS = ["-O3", f"-march={ISA_MARCH[CPU_ISA]}", "-fno-math-errno",
          "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -46,11 +54,58 @@ SIGNATURES = {
     "kv_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i32, _ptr, _i32],
     "kv_paged_prefill": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64,
                          _i64, _f32, _ptr, _i32],
+    "kv_f32_lanes": [],
+    "kv_f32_packed_floats": [_i64, _i64, _i32],
+    "kv_f32_pack": [_ptr, _i64, _i64, _i32, _ptr, _i32],
+    "kv_f32_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i32, _ptr, _i32],
+    "kv_fma_peak": [_i32],
+    "kv_copy_bandwidth": [_i64, _i32],
 }
 
 
 # the functions that return a value; every other one returns nothing
-RESULT_TYPES = {"kv_amx_available": ctypes.c_int, "kv_paged_prefill": ctypes.c_int}
+RESULT_TYPES = {"kv_amx_available": ctypes.c_int, "kv_paged_prefill": ctypes.c_int, "kv_f32_lanes": ctypes.c_int,
+                "kv_f32_packed_floats": ctypes.c_int64, "kv_fma_peak": ctypes.c_double,
+                "kv_copy_bandwidth": ctypes.c_double}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return frozenset(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return frozenset()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line for line in cpuinfo if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def isa_in_use() -> str:
+    """The widest vector extensions the kernels and torch use here: what a benchmark's machine line names."""
+    flags = cpu_flags() if CPU_ISA == "native" else frozenset({"avx2", "fma"})
+    for names, label in ((("amx_bf16",), "AMX + AVX-512"), (("avx512_bf16",), "AVX-512 + AVX512-BF16"),
+                         (("avx512f",), "AVX-512"), (("avx2", "fma"), "AVX2 + FMA")):
+        if set(names) <= flags:
+            return label + (" (KVSERVE_CPU_ISA=avx2)" if CPU_ISA == "avx2" else "")
+    return "no AVX2"
+
+
+def machine() -> str:
+    """One line naming this machine for a benchmark: CPU model, ISA in use, cores and threads."""
+    return f"{cpu_model()}, {isa_in_use()}, {os.cpu_count()} cores, {threads()} threads"
+
+
+def native_bfloat16() -> bool:
+    """Whether the kernels and torch's GEMMs run bfloat16 natively here (AVX512-BF16 or AMX, and not
+    capped to AVX2). Elsewhere bfloat16 is widened in software and runs slower than float32."""
+    return CPU_ISA == "native" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def _compiler() -> str | None:
@@ -63,11 +118,7 @@ def _library_path(compiler: str) -> Path:
     digest = hashlib.sha256()
     for path in SOURCES + HEADERS:
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(" ".join(FLAGS + [compiler, platform.machine()]).encode())
-    try:
-        digest.update(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).encode())
-    except (OSError, StopIteration):
-        digest.update(platform.processor().encode())
+    digest.update(" ".join(FLAGS + [compiler, platform.machine(), platform.processor(), *sorted(cpu_flags())]).encode())
     return cache_dir() / "cpu_kernels" / f"kvserve_cpu_{digest.hexdigest()[:16]}.so"
 
 
@@ -87,6 +138,9 @@ def _build(compiler: str, target: Path) -> None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded library, building it first if this machine has not yet; None where it cannot be."""
+    if CPU_ISA == "avx2" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        raise RuntimeError("KVSERVE_CPU_ISA=avx2 was set after torch chose its kernels: import kvserve before "
+                           "torch, or set ATEN_CPU_CAPABILITY=avx2 too")
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
         return None
     compiler = _compiler()

@@ -37,6 +37,8 @@ def test_the_library_builds_here() -> None:
     pytest.param([[1, 2], [300, 257], [40, 3]], 4, 64, id="very-different-lengths"),
     pytest.param([[9, 40], [23, 7]], 2, 80, id="head-dim-80"),  # not a multiple of the 16 summing lanes
     pytest.param([[45, 16]], 8, 128, id="gqa8-head-dim-128"),  # bfloat16 logits on AMX: a wide B tile
+    # more query heads than one block of AVX2 accumulators (8 for the logits, 6 for the values)
+    pytest.param([[13, 50], [8, 1]], 10, 80, id="gqa10-head-dim-80"),
 ])
 def test_paged_decode_cpu_matches_reference(dtype: torch.dtype, lens: list[list[int]], group: int, dim: int) -> None:
     cache, tables, lens_view = layer_view(lens, dim, dtype)
@@ -173,7 +175,8 @@ def test_silu_mul_matches_reference(dtype: torch.dtype, rows: int, width: int) -
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("rows", "heads", "dim"), [(1, 12, 64), (7, 5, 128), (200, 3, 32)])
+# 40: half of 20 angles, a tail past the 8- and 16-lane steps
+@pytest.mark.parametrize(("rows", "heads", "dim"), [(1, 12, 64), (7, 5, 128), (200, 3, 32), (5, 3, 40)])
 def test_rope_matches_reference(dtype: torch.dtype, rows: int, heads: int, dim: int) -> None:
     extra = 2 * dim  # trailing heads (the values) that must stay untouched
     x = torch.randn(rows, heads * dim + extra).to(dtype)

@@ -10,6 +10,7 @@ from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_prompt
+from tests.helpers import needs_native_bf16
 
 POLICY_SPECS = [
     {"name": "full"},
@@ -64,9 +65,10 @@ def test_each_policy_gives_the_same_tokens_alone_and_in_a_mixed_batch(engine):
             assert usage.bytes <= usage.full_bytes
 
 
-def test_h2o_quarter_ratio_holds_under_30_percent_of_the_full_pages():
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_native_bf16)])
+def test_h2o_quarter_ratio_holds_under_30_percent_of_the_full_pages(dtype):
     engine = LLMEngine(EngineConfig(kv_cache_memory=512 << 20, max_num_batched_tokens=2048, max_num_seqs=8,
-                                    dtype="bfloat16"))
+                                    dtype=dtype))
     tok = engine.tokenizer
     prompts = [tok(passkey_prompt(tok, 3000, 0.5, seed=i).prompt)["input_ids"] for i in range(8)]
     assert all(len(p) >= 2900 for p in prompts)

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -72,6 +72,77 @@ static inline __m512i lane_offsets(int32_t step) {
                               _mm512_set1_epi32(step));
 }
 
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// 8 bfloat16 bit patterns as float32 lanes
+static inline __m256 widen8(__m128i bits) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// 8 float32 lanes rounded to bfloat16 as from_f32<bf16> rounds (to nearest even, NaN kept quiet),
+// each still a float32: the bfloat16 in its upper half, zeros below (AVX2 has no conversion for it)
+static inline __m256 round8(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    const __m256 bits = _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet_nan),
+                                         _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_and_ps(bits, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+}
+
+// 8 float32 lanes rounded to bfloat16 bit patterns
+static inline __m128i narrow8(__m256 x) {
+    const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(round8(x)), 16);
+    // every lane holds a value below 2^16, so the unsigned saturation of the pack keeps it as it is
+    return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+
+// 8 consecutive elements as float32 lanes, and back
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const bf16* p) { return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+static inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+static inline void store8(bf16* p, __m256 x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow8(x)); }
+
+// the first min(count, 8) of 8 lanes, as _mm256_maskload_ps and _mm256_maskstore_ps take them
+static inline __m256i first_lanes8(int64_t count) {
+    const int32_t n = count >= 8 ? 8 : static_cast<int32_t>(count);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// the sum of the 8 lanes
+static inline float sum8(__m256 x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// fast_exp on 8 lanes: the same steps, fused as gcc fuses fast_exp's (x log2 e is never rounded on
+// its own), so that the two agree to the bit, but for clamped inputs (gcc folds fast_exp of a clamp
+// bound into a constant, and folds it unfused; the two differ in the last bit)
+static inline __m256 fast_exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // operands in this order keep a NaN
+    const __m256 log2e = _mm256_set1_ps(1.4426950408889634f), shift = _mm256_set1_ps(12582912.0f);
+    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, log2e, shift), shift);
+    const __m256 f = _mm256_fmsub_ps(x, log2e, n);
+    __m256 p = _mm256_set1_ps(1.5403530e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504109e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+// silu on 8 lanes, clamped as silu is
+static inline __m256 silu8(__m256 g) {
+    const __m256 minus = _mm256_xor_ps(g, _mm256_set1_ps(-0.0f));
+    const __m256 e = fast_exp8(_mm256_min_ps(_mm256_set1_ps(88.0f), minus));  // NaN kept, as in max above
+    return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
 #endif
 
 #if defined(__AVX512BF16__)

@@ -3,7 +3,7 @@
 // (sequence, KV head) pair with its G query heads. Keys and values are read once, in place, a page at a
 // time (the next ones prefetched), each key and value row loaded once for all G heads and converted
 // to float32 in registers. On AMX, a bfloat16 page's logits are one tile product (AmxLogits);
-// elsewhere, and for the values, AVX-512 float32 products.
+// elsewhere, and for the values, AVX-512 float32 products, or AVX2 ones on CPUs without AVX-512.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -53,6 +53,97 @@ static inline __m512 sum_lanes16(const __m512* v) {
 // copied out as float32: that copy cost as much as the products it fed)
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const bf16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#elif defined(__AVX2__) && defined(__FMA__)
+// sum_lanes16 for 8 lanes: r[j] = the sum of v[j]'s 8 lanes, by the same kind of tree (7 adds)
+static inline __m256 sum_lanes8(const __m256* v) {
+    __m256 a[4], b[2];
+    for (int i = 0; i < 4; ++i)
+        a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; ++i)
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+
+// fn(std::integral_constant<int, n>) for a runtime 1 <= n <= kMax: with the head count of a block
+// fixed at compile time its accumulators stay in registers and its loops carry no per-head branches
+template <int kMax, typename Fn>
+static inline void with_count(int n, Fn&& fn) {
+    if constexpr (kMax > 1)
+        if (n < kMax) return with_count<kMax - 1>(n, fn);
+    fn(std::integral_constant<int, kMax>{});
+}
+
+// page_logits for H heads: 8 keys at a time, the last block masked. 16 registers cannot hold a key
+// row: each 8-element chunk of it is loaded (and widened) once and used at once by the H heads'
+// accumulators. Up to 6 heads take two keys per step, each query chunk loaded once for both: twice
+// the independent FMA chains (one per head would leave the FMAs waiting on each other) and half the
+// query loads.
+template <int H, int DIM, typename T>
+static inline void logits_avx2(const float* __restrict q, const T* __restrict keys, int64_t count, int dim,
+                               int64_t stride, float* __restrict logits) {
+    constexpr int K = H <= 6 ? 2 : 1;  // K x H sums, K key chunks and a query chunk
+    const int width = DIM > 0 ? DIM : dim;
+    for (int64_t j0 = 0; j0 < count; j0 += 8) {
+        const int64_t rows = std::min<int64_t>(count - j0, 8);
+        __m256 partial[H][8];
+        for (int64_t j = 0; j < 8; j += K) {
+            __m256 acc[K][H];
+            for (int k = 0; k < K; ++k)
+                for (int g = 0; g < H; ++g) acc[k][g] = _mm256_setzero_ps();
+            // the products with keys j .. j + N - 1 of the block; keys past the page's count are not
+            // read (a short last page may end the pool) and their lanes are not stored
+            auto products = [&](auto keys_now) {
+                constexpr int N = decltype(keys_now)::value;
+                const T* row = keys + (j0 + j) * width;
+                for (int d = 0; d < width; d += 8) {
+                    __m256 key[N];
+                    for (int k = 0; k < N; ++k) key[k] = load8(row + k * width + d);
+                    for (int g = 0; g < H; ++g) {
+                        const __m256 query = _mm256_loadu_ps(q + g * width + d);
+                        for (int k = 0; k < N; ++k) acc[k][g] = _mm256_fmadd_ps(query, key[k], acc[k][g]);
+                    }
+                }
+            };
+            if (j + K <= rows) products(std::integral_constant<int, K>{});
+            else if (j < rows) products(std::integral_constant<int, 1>{});
+            for (int k = 0; k < K; ++k)
+                for (int g = 0; g < H; ++g) partial[g][j + k] = acc[k][g];
+        }
+        for (int g = 0; g < H; ++g)
+            _mm256_maskstore_ps(logits + g * stride + j0, first_lanes8(rows), sum_lanes8(partial[g]));
+    }
+}
+
+// page_accumulate for H heads: no whole output row fits in 16 registers, so the rows go in column
+// blocks of C chunks, each block's H x C sums in registers across the page (chains of FMAs long
+// enough to hide their latency) and each value chunk loaded (and widened) once for the H heads
+template <int H, int DIM, typename T>
+static inline void accumulate_avx2(const float* __restrict weights, int64_t stride, const T* __restrict values,
+                                   int64_t count, int dim, float* __restrict acc) {
+    constexpr int C = H <= 2 ? 4 : H <= 4 ? 3 : 2;  // H x C sums, C value chunks and a weight
+    const int width = DIM > 0 ? DIM : dim;
+    auto block = [&](int d0, auto columns) {
+        constexpr int kCols = decltype(columns)::value;
+        __m256 sums[H][kCols];
+        for (int g = 0; g < H; ++g)
+            for (int c = 0; c < kCols; ++c) sums[g][c] = _mm256_loadu_ps(acc + g * width + d0 + 8 * c);
+        for (int64_t j = 0; j < count; ++j) {
+            __m256 value[kCols];
+            for (int c = 0; c < kCols; ++c) value[c] = load8(values + j * width + d0 + 8 * c);
+            for (int g = 0; g < H; ++g) {
+                const __m256 w = _mm256_set1_ps(weights[g * stride + j]);
+                for (int c = 0; c < kCols; ++c) sums[g][c] = _mm256_fmadd_ps(w, value[c], sums[g][c]);
+            }
+        }
+        for (int g = 0; g < H; ++g)
+            for (int c = 0; c < kCols; ++c) _mm256_storeu_ps(acc + g * width + d0 + 8 * c, sums[g][c]);
+    };
+    int d0 = 0;
+    for (; d0 + 8 * C <= width; d0 += 8 * C) block(d0, std::integral_constant<int, C>{});
+    if constexpr (C > 1)
+        if (d0 < width) with_count<C - 1>((width - d0) / 8, [&](auto columns) { block(d0, columns); });
+}
 #endif
 
 // logits[g * stride + j] = q_g . keys[j] for the G query heads of a KV group and the first `count`
@@ -91,6 +182,18 @@ static inline void page_logits(const float* __restrict q, int group, const T* __
         }
         return;
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    // any head size of whole 8-lane chunks (80 too); DIM > 0 just fixes the chunk count at compile time
+    if ((DIM > 0 ? DIM : dim) % 8 == 0) {
+        constexpr int kHeads = 8;  // 8 sums, a key chunk and a query chunk (logits_avx2)
+        const int width = DIM > 0 ? DIM : dim;
+        for (int g0 = 0; g0 < group; g0 += kHeads)
+            with_count<kHeads>(std::min(kHeads, group - g0), [&](auto heads) {
+                logits_avx2<decltype(heads)::value, DIM>(q + g0 * width, keys, count, width, stride,
+                                                         logits + g0 * stride);
+            });
+        return;
+    }
 #endif
     const float* rows = load_row(keys, scratch, count * dim);
     for (int g = 0; g < group; ++g)
@@ -123,6 +226,17 @@ static inline void page_accumulate(const float* __restrict weights, int group, i
             for (int g = 0; g < kHeads && g0 + g < group; ++g)
                 for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc + (g0 + g) * DIM + 16 * c, sums[g][c]);
         }
+        return;
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if ((DIM > 0 ? DIM : dim) % 8 == 0) {
+        constexpr int kHeads = 6;  // 12 sums, 2 value chunks and a weight (accumulate_avx2)
+        const int width = DIM > 0 ? DIM : dim;
+        for (int g0 = 0; g0 < group; g0 += kHeads)
+            with_count<kHeads>(std::min(kHeads, group - g0), [&](auto heads) {
+                accumulate_avx2<decltype(heads)::value, DIM>(weights + g0 * stride, stride, values, count, width,
+                                                             acc + g0 * width);
+            });
         return;
     }
 #endif
@@ -234,6 +348,28 @@ class AmxLogits {
 };
 #endif
 
+// p[s] = exp(p[s] - top) for s < n; returns their sum
+static inline float exp_shifted(float* __restrict p, int64_t n, float top) {
+    float total = 0.0f;
+    int64_t s = 0;
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+    // without AVX-512's masks gcc keeps fast_exp's clamp a branch, and the loop below scalar
+    __m256 sums = _mm256_setzero_ps();
+    for (; s + 8 <= n; s += 8) {
+        const __m256 e = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(p + s, e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    total = sum8(sums);
+#endif
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = s; i < n; ++i) {
+        p[i] = fast_exp(p[i] - top);
+        total += p[i];
+    }
+    return total;
+}
+
 // Pages lie anywhere in a pool of gigabytes, where the hardware prefetcher cannot follow: while one
 // page's keys are used, the next page's keys and values are fetched into L1 (1.5-1.8x in a 2 GB pool)
 // and the page after next's into L2, which keeps more lines in flight than L1's fill buffers allow
@@ -245,6 +381,16 @@ static inline void prefetch_page(const T* page, int64_t elements) {
     const int64_t bytes_total = elements * static_cast<int64_t>(sizeof(T));
     for (int64_t line = 0; line < bytes_total; line += 64) __builtin_prefetch(bytes + line, 0, Locality);
 }
+
+// Whether the value walk prefetches its next pages too, as the key walk does: a long context's values
+// fetched during the key walk are evicted before the value walk reaches them. On for the AVX2
+// accumulation, which reads a page in column blocks rather than row after row; the AVX-512 path keeps
+// the prefetching it was measured with.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+constexpr bool kValueWalkPrefetches = true;
+#else
+constexpr bool kValueWalkPrefetches = false;
+#endif
 
 // DIM > 0 fixes head_dim at compile time (the common 64 and 128), so the per-slot loops unroll fully
 template <typename T, int DIM>
@@ -294,19 +440,23 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                 for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) query[i] = to_f32(q_group[i]) * scale;
 
             // visit(start, in_page, rows): each page of the head's list in order, its first in_page
-            // slots from slot `start` of the sequence
-            auto each_page = [&](const T* pool, bool prefetch, auto&& visit) {
+            // slots from slot `start` of the sequence; the key walk prefetches keys and values ahead
+            auto each_page = [&](const T* pool, bool key_walk, auto&& visit) {
                 for (int64_t page = 0; page < used_pages; ++page) {
                     const int64_t start = page * block_size;
                     const int64_t in_page = std::min<int64_t>(len - start, block_size);
-                    if (prefetch && page + 1 < used_pages) {
+                    if (key_walk && page + 1 < used_pages) {
                         prefetch_page<3>(k_pages + table[page + 1] * page_elements, page_elements);
                         prefetch_page<3>(v_pages + table[page + 1] * page_elements, page_elements);
                     }
-                    if (prefetch && page + 2 < used_pages) {
+                    if (key_walk && page + 2 < used_pages) {
                         prefetch_page<2>(k_pages + table[page + 2] * page_elements, page_elements);
                         prefetch_page<2>(v_pages + table[page + 2] * page_elements, page_elements);
                     }
+                    if (kValueWalkPrefetches && !key_walk && page + 1 < used_pages)
+                        prefetch_page<3>(v_pages + table[page + 1] * page_elements, page_elements);
+                    if (kValueWalkPrefetches && !key_walk && page + 2 < used_pages)
+                        prefetch_page<2>(v_pages + table[page + 2] * page_elements, page_elements);
                     const T* rows = pool + table[page] * page_elements;
                     visit(start, in_page, rows);
                 }
@@ -333,12 +483,7 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
                 float top = -INFINITY;
 #pragma omp simd reduction(max : top)
                 for (int64_t s = 0; s < len; ++s) top = p[s] > top ? p[s] : top;
-                float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-                for (int64_t s = 0; s < len; ++s) {
-                    p[s] = fast_exp(p[s] - top);
-                    total += p[s];
-                }
+                const float total = exp_shifted(p, len, top);
                 const float inv = 1.0f / total;
 #pragma omp simd
                 for (int64_t s = 0; s < len; ++s) p[s] *= inv;
@@ -354,20 +499,20 @@ static void paged_decode(const T* q, int64_t q_stride_b, const T* k_pages, const
             for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) out_group[i] = from_f32<T>(acc[i]);
 
             if (score_sum != nullptr) {
+                // a head at a time, so that the loop over the slots vectorises; the same sums in the
+                // same order as slot by slot
                 float* sums = score_sum + item * slots;
                 float* maxes = score_max + item * slots;
-                for (int64_t s = 0; s < len; ++s) {
-                    float sum = 0.0f, most = 0.0f;
-                    for (int g = 0; g < group; ++g) {
-                        const float p = probs[g * slots + s];
-                        sum += p;
-                        most = p > most ? p : most;
+                std::fill(sums, sums + slots, 0.0f);
+                std::fill(maxes, maxes + slots, 0.0f);
+                for (int g = 0; g < group; ++g) {
+                    const float* p = probs.data() + g * slots;
+#pragma omp simd
+                    for (int64_t s = 0; s < len; ++s) {
+                        sums[s] += p[s];
+                        maxes[s] = p[s] > maxes[s] ? p[s] : maxes[s];
                     }
-                    sums[s] = sum;
-                    maxes[s] = most;
                 }
-                std::fill(sums + len, sums + slots, 0.0f);
-                std::fill(maxes + len, maxes + slots, 0.0f);
             }
         }
 #if defined(KV_HAVE_AMX)

@@ -13,6 +13,7 @@ from kvserve.cache.page_table import PageTable
 from kvserve.cache.tier import TierSet
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.scheduler import ScheduledBatch
+from kvserve.kernels import cpu_library
 from kvserve.model.config import ModelConfig
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_weights, resolve_model
@@ -36,6 +37,9 @@ class ModelRunner:
         self.model_config = mc = ModelConfig.from_folder(self.folder)
         self.dtype = config.torch_dtype
         self.device = config.torch_device
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_library.native_bfloat16():
+            log.warning("bfloat16 on a CPU without AVX512-BF16 or AMX: every bfloat16 matmul is widened in software "
+                        "and runs several times slower than float32; --dtype float32 is the faster choice here")
         self.model = LlamaModel(mc, load_weights(self.folder), self.dtype, self.device)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         memory = config.resolved_kv_cache_memory()

@@ -13,7 +13,7 @@ import math
 import torch
 
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata
-from kvserve.kernels import amx_linear
+from kvserve.kernels import amx_linear, f32_linear
 from kvserve.kernels.pointwise import rms_norm, rope_, silu_mul
 from kvserve.model.config import ModelConfig
 
@@ -45,11 +45,14 @@ class Projection:
     With `swiglu`, W is an MLP's [gate; up] and a call returns silu(x @ gate^T) * (x @ up^T).
 
     The weight is kept in the layout the fastest CPU kernel for its dtype reads:
-    - float32 as the transposed [in, out] copy, which MKL streams at memory bandwidth for one row
-      and multiplies ~1.3x faster at 16-32 rows than HF's layout;
+    - float32, on a CPU with AVX2 + FMA, packed once at load into panels (kernels/f32_linear.py): it
+      reads the weights once per decode step and keeps a row's bits whatever batch the row is in
+      (torch's GEMM changes its summation order with the row count); the bias or residual and the
+      SwiGLU activation run in its epilogue, so the [T, 2 * intermediate] product is never written;
+    - float32 elsewhere as the transposed [in, out] copy, which MKL multiplies ~1.3x faster at 16-32
+      rows than HF's layout;
     - bfloat16, on a CPU with AMX, packed once at load into AMX's tile layout (kernels/amx_linear.py):
-      1.5-1.7x torch's bfloat16 GEMM at the 1-32 rows of decode steps; a SwiGLU weight applies its
-      activation in the kernel, so the [T, 2 * intermediate] product is never written;
+      1.5-1.7x torch's bfloat16 GEMM at the 1-32 rows of decode steps, SwiGLU fused the same way;
     - anything else (bfloat16 without AMX, every GPU dtype) as HF's [out, in].
     """
 
@@ -58,12 +61,15 @@ class Projection:
         self.swiglu = swiglu
         self.element_size = weight.element_size()
         on_cpu = weight.device.type == "cpu"
-        self.layout = ("transposed" if on_cpu and weight.dtype == torch.float32
+        float32 = on_cpu and weight.dtype == torch.float32
+        self.layout = ("f32_packed" if float32 and f32_linear.available()
+                       else "transposed" if float32
                        else "amx" if on_cpu and weight.dtype == torch.bfloat16 and amx_linear.available()
                        else "plain")
+        packer = {"f32_packed": f32_linear, "amx": amx_linear}.get(self.layout)
         self.weight = (weight.t().contiguous() if self.layout == "transposed"
-                       else weight if self.layout == "plain"
-                       else amx_linear.pack_gated(weight) if swiglu else amx_linear.pack(weight))
+                       else weight if packer is None
+                       else packer.pack_gated(weight) if swiglu else packer.pack(weight))
         self.bias = bias
         # one row (batch-1 decode) of a plain CPU weight: the matrix-vector kernel reads bfloat16 ~1.35x faster
         self.one_row_mv = self.layout == "plain" and on_cpu
@@ -74,6 +80,10 @@ class Projection:
         Only q/k/v have biases (Qwen2), and no residual joins them."""
         assert residual is None or (self.bias is None and not self.swiglu), "only a plain projection takes a residual"
         add = self.bias if residual is None else residual
+        if self.layout == "f32_packed":
+            if self.swiglu:
+                return f32_linear.linear_f32(x, self.weight, self.out_features // 2, self.in_features, gated=True)
+            return f32_linear.linear_f32(x, self.weight, self.out_features, self.in_features, add)
         if self.layout == "amx" and self.swiglu:
             return amx_linear.linear_bf16(x, self.weight, self.out_features // 2, self.in_features, gated=True)
         if self.layout == "amx":

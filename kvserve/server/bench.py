@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from kvserve.kernels import cpu_library
 from kvserve.model.loader import resolve_model
 from kvserve.server.ports import free_local_port
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             ours.append(bench_kvserve(args, texts))
             theirs.append(bench_transformers(args, texts, folder))
     print(f"{args.clients} concurrent streaming clients, ~{args.words}-word prompts, {args.max_tokens} tokens each "
-          f"(greedy, EOS ignored), {args.dtype}")
+          f"(greedy, EOS ignored), {args.dtype}; {cpu_library.machine()}")
     print(report(ours, theirs))
     return 0
 

@@ -1,0 +1,283 @@
+"""CPU kernel benchmark: `python -m kvserve.kernels.cpu_bench SECTION [options]`.
+
+Each section is a subcommand (`SECTIONS`); every one prints the CPU, the ISA the kernels were built
+for (`KVSERVE_CPU_ISA`: native or avx2), torch's CPU capability, the thread count and this machine's
+measured ceilings (kernels/roofline.py) first.
+
+`linear [--rows 1 8 32 256 2048]`: the float32 projections of the default model (or `--model`), ours
+(kernels/f32_linear.py over packed weights, bias/residual and SwiGLU in the epilogue) against what
+torch runs for them otherwise: x @ W_t with W_t the contiguous [in, out] transpose, addmm for a
+residual, and the compiled silu_mul after a gate/up product. Both read several copies of their
+weights in turn, so that each call finds them in memory and not in the last-level cache, as a decode
+step does. Per shape and row count it prints the median time of each, GFLOP/s, GB/s of weights read,
+the speedup (torch's time over ours, the median of adjacent pairs) and our share of the roofline
+bound: the larger of FLOPs at the FMA peak and weight bytes at copy bandwidth, over our time.
+
+`decode [--contexts 512 2048 8192] [--batches 1 16]`: paged decode attention, one query token per
+sequence, for the default model's (or `--model`'s) heads and for Llama-3-8B's (32 query heads, 8 KV
+heads, head_dim 128), in float32 and bfloat16, every (sequence, KV head) holding the context in
+16-token pages in random order: ours (kernels/paged_decode.py's paged_decode_cpu, reading the pages
+in place) against torch's SDPA over the same keys and values laid out contiguously (gather_pages;
+the gather is not timed). Each side cycles through copies of its cache, as the linear section does
+through its weights. Per case it prints the median time of each, the GB/s of keys and values read
+(the bytes that must be read, over the time), the speedup and our share of the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.kernels import cpu_library, f32_linear, roofline
+from kvserve.kernels.paged_decode import gather_pages, paged_decode_cpu
+from kvserve.kernels.pointwise import silu_mul
+from kvserve.model.config import ModelConfig
+from kvserve.model.loader import resolve_model
+
+# bytes of weights each side cycles through: several times any last-level cache
+WORKING_SET_BYTES = 256 << 20
+# seconds of calls per timed sample, and samples per side (ours and torch's alternate)
+SAMPLE_S = 0.04
+SAMPLES = 7
+WARMUP_S = 0.3
+# the LM head runs on the rows that sample, at most --max-num-seqs of them, never on a prefill's
+LM_HEAD_MAX_ROWS = 64
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line for line in cpuinfo if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def print_header() -> None:
+    print(f"CPU {cpu_model()}; kernels built for {cpu_library.CPU_ISA} "
+          f"(torch capability {torch.backends.cpu.get_cpu_capability()}); {cpu_library.threads()} threads")
+    print(f"measured ceilings: FMA peak {roofline.fma_peak() / 1e9:.0f} GFLOP/s, "
+          f"copy bandwidth {roofline.copy_bandwidth() / 1e9:.1f} GB/s (read + written)")
+
+
+def samples(fns: list[Callable[[int], object]], calls: int) -> list[list[float]]:
+    """SAMPLES seconds-per-call of each fn, the fns taking turns; each call gets the next index (the
+    copy of the weights it reads), so that consecutive samples go on through the copies."""
+    times: list[list[float]] = [[] for _ in fns]
+    for sample in range(SAMPLES):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            for call in range(sample * calls, (sample + 1) * calls):
+                fn(call)
+            out.append((time.perf_counter() - start) / calls)
+    return times
+
+
+def calls_per_sample(fns: list[Callable[[int], object]], copies: int = 1) -> int:
+    """Enough calls for SAMPLE_S seconds of the slowest fn. Each fn first runs over its `copies` of
+    the weights (for up to WARMUP_S): the first reads of freshly written memory run slower than the
+    steady state that long-lived weights are in."""
+    slowest = 0.0
+    for fn in fns:
+        fn(0)
+        start = time.perf_counter()
+        fn(1)
+        one = time.perf_counter() - start
+        for call in range(2, min(copies, math.ceil(WARMUP_S / one))):
+            fn(call)
+        slowest = max(slowest, one)
+    return max(1, math.ceil(SAMPLE_S / slowest))
+
+
+@dataclass
+class Shape:
+    name: str
+    out_features: int
+    in_features: int
+    swiglu: bool = False
+    residual: bool = False
+    max_rows: int | None = None
+
+
+def model_shapes(cfg: ModelConfig) -> list[Shape]:
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return [Shape("qkv", q + 2 * kv, d), Shape("o", d, q, residual=True),
+            Shape("gate_up", 2 * cfg.intermediate_size, d, swiglu=True),
+            Shape("down", d, cfg.intermediate_size, residual=True),
+            Shape("lm_head", cfg.vocab_size, d, max_rows=LM_HEAD_MAX_ROWS)]
+
+
+@dataclass
+class LinearCase:
+    """One shape at one row count: copies of the weights in our packed layout and in torch's."""
+
+    shape: Shape
+    packed: list[torch.Tensor]
+    transposed: list[torch.Tensor]
+    x: torch.Tensor
+    residual: torch.Tensor | None
+
+    def ours(self, call: int) -> torch.Tensor:
+        shape = self.shape
+        width = shape.out_features // 2 if shape.swiglu else shape.out_features
+        return f32_linear.linear_f32(self.x, self.packed[call % len(self.packed)], width, shape.in_features,
+                                     self.residual, gated=shape.swiglu)
+
+    def theirs(self, call: int) -> torch.Tensor:
+        w_t = self.transposed[call % len(self.transposed)]
+        out = self.x @ w_t if self.residual is None else torch.addmm(self.residual, self.x, w_t)
+        return silu_mul(out) if self.shape.swiglu else out
+
+
+def bench_linear(args: argparse.Namespace) -> int:
+    if not f32_linear.available():
+        print("the float32 linear kernel is not available in this build (no AVX2 + FMA, or no compiler)")
+        return 1
+    cfg = ModelConfig.from_folder(resolve_model(args.model))
+    print_header()
+    peak, bandwidth = roofline.fma_peak(), roofline.copy_bandwidth()
+    print(f"\n{'shape':<22}{'rows':>6}{'ours ms':>10}{'torch ms':>10}{'ours GF/s':>11}{'torch GF/s':>11}"
+          f"{'ours GB/s':>11}{'torch GB/s':>11}{'speedup':>9}{'roofline':>10}")
+    for shape in model_shapes(cfg):
+        n, k = shape.out_features, shape.in_features
+        weight_bytes = n * k * 4
+        weights = [torch.randn(n, k) for _ in range(max(1, math.ceil(WORKING_SET_BYTES / weight_bytes)))]
+        packed = [f32_linear.pack_gated(w) if shape.swiglu else f32_linear.pack(w) for w in weights]
+        transposed = [w.t().contiguous() for w in weights]
+        del weights
+        for rows in args.rows:
+            if shape.max_rows is not None and rows > shape.max_rows:
+                continue
+            case = LinearCase(shape, packed, transposed, torch.randn(rows, k),
+                              torch.randn(rows, n) if shape.residual else None)
+            ours_t, torch_t = samples([case.ours, case.theirs], calls_per_sample([case.ours, case.theirs], len(packed)))
+            t_ours, t_torch = statistics.median(ours_t), statistics.median(torch_t)
+            speedup = statistics.median(b / a for a, b in zip(ours_t, torch_t))
+            flops = 2 * rows * n * k
+            bound_s, bound = max((flops / peak, "fma"), (weight_bytes / bandwidth, "mem"))
+            print(f"{f'{shape.name} [{n}, {k}]':<22}{rows:>6}{t_ours * 1e3:>10.3f}{t_torch * 1e3:>10.3f}"
+                  f"{flops / t_ours / 1e9:>11.1f}{flops / t_torch / 1e9:>11.1f}{weight_bytes / t_ours / 1e9:>11.1f}"
+                  f"{weight_bytes / t_torch / 1e9:>11.1f}{speedup:>8.2f}x{bound_s / t_ours:>6.0%} {bound}")
+    print(f"\nmedians of {SAMPLES} alternating samples of >= {SAMPLE_S * 1e3:.0f} ms; speedup: torch's time over "
+          "ours; roofline: our share of max(FLOPs / FMA peak, weight bytes / copy bandwidth), and which bound")
+    return 0
+
+
+def linear_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 256, 2048],
+                        help="rows of x (tokens in a step)")
+    parser.add_argument("--model", default=None, help="whose projection shapes (default: the built-in model)")
+
+
+# query heads, KV heads, head_dim of the larger decode geometry (Llama-3-8B's)
+LARGE_DECODE_HEADS = (32, 8, 128)
+DECODE_BLOCK_SIZE = 16
+# the share of the memory available at the start that a decode case's copies may take
+DECODE_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class DecodeCase:
+    """One geometry, dtype, context and batch: copies of a paged cache (each its own page order) for
+    ours, and the same caches gathered contiguously for torch."""
+
+    q: torch.Tensor
+    pools: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # k_pages, v_pages, tables
+    gathered: list[tuple[torch.Tensor, torch.Tensor]]  # keys, values [B, Hkv, S, D]
+    lens: torch.Tensor
+    scale: float
+
+    @staticmethod
+    def build(q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, context: int, batch: int,
+              copies: int) -> DecodeCase:
+        pages = context // DECODE_BLOCK_SIZE
+        pools, gathered = [], []
+        for _ in range(copies):
+            num_pages = batch * kv_heads * pages
+            k_pages, v_pages = (torch.randn(num_pages, DECODE_BLOCK_SIZE, dim).to(dtype) for _ in range(2))
+            tables = torch.randperm(num_pages).to(torch.int32).view(batch, kv_heads, pages)
+            pools.append((k_pages, v_pages, tables))
+            gathered.append((gather_pages(k_pages, tables), gather_pages(v_pages, tables)))
+        lens = torch.full((batch, kv_heads), context, dtype=torch.int32)
+        return DecodeCase(torch.randn(batch, q_heads, dim).to(dtype), pools, gathered, lens, dim**-0.5)
+
+    def ours(self, call: int) -> torch.Tensor:
+        k_pages, v_pages, tables = self.pools[call % len(self.pools)]
+        return paged_decode_cpu(self.q, k_pages, v_pages, tables, self.lens, self.scale)[0]
+
+    def theirs(self, call: int) -> torch.Tensor:
+        keys, values = self.gathered[call % len(self.gathered)]
+        return F.scaled_dot_product_attention(self.q[:, :, None], keys, values, scale=self.scale, enable_gqa=True)
+
+
+def available_memory() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_decode(args: argparse.Namespace) -> int:
+    if not cpu_library.available():
+        print("the compiled CPU kernels are not available here (no compiler, or KVSERVE_CPU_KERNELS=0)")
+        return 1
+    cfg = ModelConfig.from_folder(resolve_model(args.model))
+    print_header()
+    bandwidth = roofline.copy_bandwidth()
+    budget = DECODE_MEMORY_SHARE * available_memory()
+    print(f"\n{'heads q/kv/dim':<16}{'dtype':>10}{'context':>9}{'batch':>7}{'ours ms':>10}{'torch ms':>10}"
+          f"{'ours GB/s':>11}{'torch GB/s':>11}{'speedup':>9}{'of copy':>9}")
+    for q_heads, kv_heads, dim in [(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), LARGE_DECODE_HEADS]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for context in args.contexts:
+                for batch in args.batches:
+                    kv_bytes = 2 * batch * kv_heads * context * dim * dtype.itemsize
+                    geometry, dtype_name = f"{q_heads}/{kv_heads}/{dim}", str(dtype).removeprefix("torch.")
+                    label = f"{geometry:<16}{dtype_name:>10}{context:>9}{batch:>7}"
+                    if 2 * kv_bytes > budget:  # the pool and its gathered copy
+                        print(f"{label}  skipped: {2 * kv_bytes / 2**30:.1f} GiB of caches")
+                        continue
+                    copies = max(1, min(math.ceil(WORKING_SET_BYTES / kv_bytes), int(budget // (2 * kv_bytes))))
+                    case = DecodeCase.build(q_heads, kv_heads, dim, dtype, context, batch, copies)
+                    ours_t, torch_t = samples([case.ours, case.theirs], calls_per_sample([case.ours, case.theirs]))
+                    t_ours, t_torch = statistics.median(ours_t), statistics.median(torch_t)
+                    speedup = statistics.median(b / a for a, b in zip(ours_t, torch_t))
+                    print(f"{label}{t_ours * 1e3:>10.3f}{t_torch * 1e3:>10.3f}{kv_bytes / t_ours / 1e9:>11.1f}"
+                          f"{kv_bytes / t_torch / 1e9:>11.1f}{speedup:>8.2f}x{kv_bytes / t_ours / bandwidth:>8.0%}")
+                    del case
+    print(f"\nmedians of {SAMPLES} alternating samples of >= {SAMPLE_S * 1e3:.0f} ms; GB/s: bytes of keys and "
+          "values read over the time; speedup: torch's time over ours; of copy: our GB/s over the copy "
+          "bandwidth (bytes read + written)")
+    return 0
+
+
+def decode_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192],
+                        help="tokens held by every (sequence, KV head); whole 16-token pages")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="sequences in the step")
+    parser.add_argument("--model", default=None, help="whose heads besides Llama-3-8B's (default: the built-in model)")
+
+
+# name: (help, adds its arguments, runs it and returns the exit status)
+SECTIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "linear": ("float32 projections: ours vs torch's GEMM", linear_args, bench_linear),
+    "decode": ("paged decode attention: ours vs torch's SDPA", decode_args, bench_decode),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvserve.kernels.cpu_bench", description=__doc__.split("\n")[0])
+    sections = parser.add_subparsers(dest="section", required=True)
+    for name, (help_text, add_args, _) in SECTIONS.items():
+        add_args(sections.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    return SECTIONS[args.section][2](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
