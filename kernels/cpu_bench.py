@@ -11,7 +11,7 @@ residual, and the compiled silu_mul after a gate/up product. Both read several c
 weights in turn, so that each call finds them in memory and not in the last-level cache, as a decode
 step does. Per shape and row count it prints the median time of each, GFLOP/s, GB/s of weights read,
 the speedup (torch's time over ours, the median of adjacent pairs) and our share of the roofline
-bound: the larger of FLOPs at the FMA peak and weight bytes at copy bandwidth, over our time.
+bound: the larger of FLOPs at the FMA peak and weight bytes at read bandwidth, over our time.
 
 `decode [--contexts 512 2048 8192] [--batches 1 16]`: paged decode attention, one query token per
 sequence, for the default model's (or `--model`'s) heads and for Llama-3-8B's (32 query heads, 8 KV
@@ -20,7 +20,7 @@ heads, head_dim 128), in float32 and bfloat16, every (sequence, KV head) holding
 in place) against torch's SDPA over the same keys and values laid out contiguously (gather_pages;
 the gather is not timed). Each side cycles through copies of its cache, as the linear section does
 through its weights. Per case it prints the median time of each, the GB/s of keys and values read
-(the bytes that must be read, over the time), the speedup and our share of the copy bandwidth.
+(the bytes that must be read, over the time), the speedup and our share of the read bandwidth.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -53,19 +52,11 @@ WARMUP_S = 0.3
 LM_HEAD_MAX_ROWS = 64
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line for line in cpuinfo if line.startswith("model name")).split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def print_header() -> None:
-    print(f"CPU {cpu_model()}; kernels built for {cpu_library.CPU_ISA} "
-          f"(torch capability {torch.backends.cpu.get_cpu_capability()}); {cpu_library.threads()} threads")
-    print(f"measured ceilings: FMA peak {roofline.fma_peak() / 1e9:.0f} GFLOP/s, "
-          f"copy bandwidth {roofline.copy_bandwidth() / 1e9:.1f} GB/s (read + written)")
+    print(f"{cpu_library.machine()}; torch capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"measured ceilings: FMA peak {roofline.fma_peak() / 1e9:.0f} GFLOP/s, read bandwidth "
+          f"{roofline.read_bandwidth() / 1e9:.1f} GB/s, copy bandwidth {roofline.copy_bandwidth() / 1e9:.1f} GB/s "
+          "(read + written)")
 
 
 def samples(fns: list[Callable[[int], object]], calls: int) -> list[list[float]]:
@@ -143,7 +134,7 @@ def bench_linear(args: argparse.Namespace) -> int:
         return 1
     cfg = ModelConfig.from_folder(resolve_model(args.model))
     print_header()
-    peak, bandwidth = roofline.fma_peak(), roofline.copy_bandwidth()
+    peak, bandwidth = roofline.fma_peak(), roofline.read_bandwidth()
     print(f"\n{'shape':<22}{'rows':>6}{'ours ms':>10}{'torch ms':>10}{'ours GF/s':>11}{'torch GF/s':>11}"
           f"{'ours GB/s':>11}{'torch GB/s':>11}{'speedup':>9}{'roofline':>10}")
     for shape in model_shapes(cfg):
@@ -167,7 +158,7 @@ def bench_linear(args: argparse.Namespace) -> int:
                   f"{flops / t_ours / 1e9:>11.1f}{flops / t_torch / 1e9:>11.1f}{weight_bytes / t_ours / 1e9:>11.1f}"
                   f"{weight_bytes / t_torch / 1e9:>11.1f}{speedup:>8.2f}x{bound_s / t_ours:>6.0%} {bound}")
     print(f"\nmedians of {SAMPLES} alternating samples of >= {SAMPLE_S * 1e3:.0f} ms; speedup: torch's time over "
-          "ours; roofline: our share of max(FLOPs / FMA peak, weight bytes / copy bandwidth), and which bound")
+          "ours; roofline: our share of max(FLOPs / FMA peak, weight bytes / read bandwidth), and which bound")
     return 0
 
 
@@ -228,10 +219,10 @@ def bench_decode(args: argparse.Namespace) -> int:
         return 1
     cfg = ModelConfig.from_folder(resolve_model(args.model))
     print_header()
-    bandwidth = roofline.copy_bandwidth()
+    bandwidth = roofline.read_bandwidth()
     budget = DECODE_MEMORY_SHARE * available_memory()
     print(f"\n{'heads q/kv/dim':<16}{'dtype':>10}{'context':>9}{'batch':>7}{'ours ms':>10}{'torch ms':>10}"
-          f"{'ours GB/s':>11}{'torch GB/s':>11}{'speedup':>9}{'of copy':>9}")
+          f"{'ours GB/s':>11}{'torch GB/s':>11}{'speedup':>9}{'of read':>9}")
     for q_heads, kv_heads, dim in [(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), LARGE_DECODE_HEADS]:
         for dtype in (torch.float32, torch.bfloat16):
             for context in args.contexts:
@@ -251,8 +242,8 @@ def bench_decode(args: argparse.Namespace) -> int:
                           f"{kv_bytes / t_torch / 1e9:>11.1f}{speedup:>8.2f}x{kv_bytes / t_ours / bandwidth:>8.0%}")
                     del case
     print(f"\nmedians of {SAMPLES} alternating samples of >= {SAMPLE_S * 1e3:.0f} ms; GB/s: bytes of keys and "
-          "values read over the time; speedup: torch's time over ours; of copy: our GB/s over the copy "
-          "bandwidth (bytes read + written)")
+          "values read over the time; speedup: torch's time over ours; of read: our GB/s over the read "
+          "bandwidth")
     return 0
 
 

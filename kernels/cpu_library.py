@@ -60,13 +60,15 @@ SIGNATURES = {
     "kv_f32_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i32, _ptr, _i32],
     "kv_fma_peak": [_i32],
     "kv_copy_bandwidth": [_i64, _i32],
+    "kv_read_bandwidth": [_i64, _i32],
 }
 
 
 # the functions that return a value; every other one returns nothing
 RESULT_TYPES = {"kv_amx_available": ctypes.c_int, "kv_paged_prefill": ctypes.c_int, "kv_f32_lanes": ctypes.c_int,
                 "kv_f32_packed_floats": ctypes.c_int64, "kv_fma_peak": ctypes.c_double,
-                "kv_copy_bandwidth": ctypes.c_double}
+                "kv_copy_bandwidth": ctypes.c_double,
+                "kv_read_bandwidth": ctypes.c_double}
 
 
 @functools.cache

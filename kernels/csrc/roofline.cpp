@@ -1,6 +1,7 @@
 // This machine's ceilings, measured by small kernels of the project's built with the same flags as
-// the others: float32 FMA throughput (the bound of a many-row projection) and streaming copy
-// bandwidth (the bound of a batch-1 decode step, which reads every weight once). Each runs on
+// the others: float32 FMA throughput (the bound of a many-row projection), streaming read bandwidth
+// (the bound of a batch-1 decode step, which reads every weight once and writes next to nothing) and
+// streaming copy bandwidth (reads and writes, as a memory benchmark counts them). Each runs on
 // `threads` threads and reports the best of several repeats, so that a neighbour's burst of load
 // lowers a repeat rather than the ceiling.
 #include <algorithm>
@@ -20,6 +21,22 @@ namespace {
 // many short repeats: the best of them is the one no neighbour interrupted
 constexpr int kFmaRepeats = 64;
 constexpr int kCopyRepeats = 9;
+
+// a buffer of `bytes` (rounded to whole blocks) touched first by the threads that will stream it
+struct Buffer {
+    static constexpr int64_t kBlock = 1 << 20;  // bytes per unit of work
+    static constexpr int64_t kFloats = kBlock / sizeof(float);
+    int64_t blocks;
+    float* data;
+    Buffer(int64_t bytes, int threads)
+        : blocks(std::max<int64_t>(1, bytes / kBlock)), data(static_cast<float*>(std::aligned_alloc(64, blocks * kBlock))) {
+        if (data == nullptr) return;
+#pragma omp parallel for num_threads(threads)
+        for (int64_t b = 0; b < blocks; ++b)
+            for (int64_t i = 0; i < kFloats; ++i) data[b * kFloats + i] = static_cast<float>(i);
+    }
+    ~Buffer() { std::free(data); }
+};
 
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -87,26 +104,42 @@ extern "C" double kv_fma_peak(int threads) {
     return total;
 }
 
+// bytes/s read by a parallel sum of a `bytes` buffer (several times the last level cache), in
+// independent vector chains so that the adds never wait on each other
+extern "C" double kv_read_bandwidth(int64_t bytes, int threads) {
+    const kv::Buffer buffer(bytes, threads);
+    if (buffer.data == nullptr) return 0.0;
+    double best = 0.0;
+    volatile float sink = 0.0f;
+    for (int repeat = 0; repeat < kv::kCopyRepeats; ++repeat) {
+        const double start = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+        {
+            float lanes[64] = {};
+            // blocks from a shared counter: the two cores may run at different speeds
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t b = 0; b < buffer.blocks; ++b) {
+                const float* from = buffer.data + b * kv::Buffer::kFloats;
+                for (int64_t i = 0; i < kv::Buffer::kFloats; i += 64)
+#pragma omp simd
+                    for (int l = 0; l < 64; ++l) lanes[l] += from[i + l];
+            }
+            float sum = 0.0f;
+            for (float lane : lanes) sum += lane;
+            sink = sink + sum;
+        }
+        best = std::max(best, static_cast<double>(buffer.blocks * kv::Buffer::kBlock) / (omp_get_wtime() - start));
+    }
+    return best;
+}
+
 // bytes/s read plus written by a parallel copy of a `bytes` buffer (make it several times the last
 // level cache), with non-temporal stores where the build has them, so that the written lines are
 // not first read (as a plain store's would be) and the count is the traffic
 extern "C" double kv_copy_bandwidth(int64_t bytes, int threads) {
-    constexpr int64_t block = 1 << 20;  // bytes per unit of work
-    const int64_t blocks = std::max<int64_t>(1, bytes / block);
-    auto* src = static_cast<float*>(std::aligned_alloc(64, blocks * block));
-    auto* dst = static_cast<float*>(std::aligned_alloc(64, blocks * block));
-    if (!src || !dst) {
-        std::free(src);
-        std::free(dst);
-        return 0.0;
-    }
-    constexpr int64_t floats = block / sizeof(float);
-    // first touch by the threads that copy, and a plain copy that faults every page in
-#pragma omp parallel for num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-        for (int64_t i = 0; i < floats; ++i) src[b * floats + i] = static_cast<float>(i);
-        std::memcpy(dst + b * floats, src + b * floats, block);
-    }
+    const kv::Buffer src(bytes, threads), dst(bytes, threads);
+    if (src.data == nullptr || dst.data == nullptr) return 0.0;
+    constexpr int64_t block = kv::Buffer::kBlock, floats = kv::Buffer::kFloats;
     double best = 0.0;
     for (int repeat = 0; repeat < kv::kCopyRepeats; ++repeat) {
         const double start = omp_get_wtime();
@@ -114,9 +147,9 @@ extern "C" double kv_copy_bandwidth(int64_t bytes, int threads) {
         {
             // blocks from a shared counter: the two cores may run at different speeds
 #pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < blocks; ++b) {
-                const float* from = src + b * floats;
-                float* to = dst + b * floats;
+            for (int64_t b = 0; b < src.blocks; ++b) {
+                const float* from = src.data + b * floats;
+                float* to = dst.data + b * floats;
 #if defined(__AVX512F__)
                 for (int64_t i = 0; i < floats; i += 16) _mm512_stream_ps(to + i, _mm512_load_ps(from + i));
 #elif defined(__AVX2__)
@@ -130,9 +163,7 @@ extern "C" double kv_copy_bandwidth(int64_t bytes, int threads) {
             _mm_sfence();
 #endif
         }
-        best = std::max(best, 2.0 * blocks * block / (omp_get_wtime() - start));
+        best = std::max(best, 2.0 * src.blocks * block / (omp_get_wtime() - start));
     }
-    std::free(src);
-    std::free(dst);
     return best;
 }
