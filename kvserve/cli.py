@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from kvserve.engine.config import ATTENTION_BACKENDS, SCHEDULING_POLICIES, EngineConfig
+from kvserve.engine.config import SCHEDULING_POLICIES, EngineConfig, attention_backends
 from kvserve.eval.args import add_concurrency_args, add_eval_args
 
 
@@ -21,7 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+    parser.add_argument("--attention-backend", default="auto", choices=attention_backends(),
                         help="auto: triton on a GPU; on a CPU the compiled kernels (cpu), or the torch "
                              "references where no C++ compiler is found")
     parser.add_argument("--kv-policy", default=None, help="default policy: a name or a JSON object")

@@ -61,5 +61,4 @@ def feed(runner: ModelRunner, seqs: list[Sequence], counts: list[int]) -> torch.
     for seq in seqs:
         if seq.row is None:
             seq.row = runner.table.acquire_row()
-    logits, _, _, _ = runner.execute(ScheduledBatch(seqs, counts))
-    return logits
+    return runner.execute(ScheduledBatch(seqs, counts)).logits

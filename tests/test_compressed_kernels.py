@@ -12,15 +12,8 @@ import torch
 from kvserve.cache.page_pool import PagePool
 from kvserve.cache.record_table import RecordTable
 from kvserve.kernels.paged_decode import merge_attention
-from kvserve.kernels.quant_decode import (
-    QuantLayout,
-    attend_dense,
-    pack,
-    quant_decode,
-    quant_decode_ref,
-    quantize,
-    unpack,
-)
+from kvserve.kernels.quant_decode import attend_dense, quant_decode, quant_decode_ref
+from kvserve.kernels.quant_layout import QuantLayout, pack, quantize, unpack
 from kvserve.kernels.sparse_decode import sparse_decode_ref
 from kvserve.kernels.thin_decode import thin_decode, thin_decode_ref
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvserve.attention.backend import create_backend
+from kvserve.attention.registry import create_backend
 from kvserve.kernels import amx_linear, cpu_library, pointwise
 from kvserve.kernels import paged_decode as decode
 from kvserve.kernels import paged_prefill as prefill

@@ -332,7 +332,7 @@ def test_abort_frees_pages(engine, invariance_prompts):
 def test_invalid_requests_name_the_field(engine):
     with pytest.raises(InvalidRequest) as e:
         engine.add_request("too-long", [1] * 100, SamplingParams(max_tokens=engine.max_model_len))
-    assert e.value.param == "max_tokens"
+    assert e.value.param == "max_tokens" and e.value.code == "context_length_exceeded"
     with pytest.raises(InvalidRequest) as e:
         engine.add_request("bad-token", [10**7], SamplingParams())
     assert e.value.param == "prompt"

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from kvserve.attention.backend import AttentionMetadata
+from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.torch_backend import TorchBackend
 from kvserve.attention.triton_backend import TritonBackend
 from kvserve.kernels import paged_decode as decode

@@ -10,6 +10,7 @@ from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_prompt
+from kvserve.eval.teacher_forcing import teacher_force
 from tests.helpers import needs_native_bf16
 
 POLICY_SPECS = [
@@ -91,10 +92,10 @@ def test_h2o_quarter_ratio_holds_under_30_percent_of_the_full_pages(dtype):
 def test_teacher_forcing_reproduces_greedy_and_measures_compression(engine):
     ids = engine.tokenizer(passkey_prompt(engine.tokenizer, 400, 0.3, seed=5).prompt)["input_ids"]
     greedy = engine.generate([ids], PARAMS)[0]
-    full = engine.teacher_force(ids, greedy)
+    full = teacher_force(engine, ids, greedy)
     assert full.shape == (len(greedy), engine.model_config.vocab_size)
     assert full.argmax(-1).tolist() == greedy
     assert torch.allclose(full.exp().sum(-1), torch.ones(len(greedy)), atol=1e-4)
-    squeezed = engine.teacher_force(ids, greedy, {"name": "streaming_llm", "budget": 16, "sinks": 4})
+    squeezed = teacher_force(engine, ids, greedy, {"name": "streaming_llm", "budget": 16, "sinks": 4})
     kl = (full.exp() * (full - squeezed)).sum(-1)
     assert float(kl.mean()) > 1e-3  # a 16-token cache changes the distributions

@@ -7,6 +7,7 @@ import torch
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
+from kvserve.eval.teacher_forcing import teacher_force
 
 
 def test_triton_backend_greedy_tokens_equal_torch_backend():
@@ -38,7 +39,7 @@ def test_compressed_tiers_attend_alike_through_the_triton_kernels():
                                         max_num_batched_tokens=64, max_num_seqs=2))
         prompt = engine.tokenizer("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,")["input_ids"]
         continuation = engine.tokenizer(" 11,")["input_ids"]
-        logprobs[backend] = [engine.teacher_force(prompt, continuation, policy) for policy in (
+        logprobs[backend] = [teacher_force(engine, prompt, continuation, policy) for policy in (
             {"name": "kivi", "bits": 4, "group_size": 16, "residual": 0},
             {"name": "think", "channel_ratio": 0.5, "window": 4})]
         assert engine.runner.tiers.tiers, "no tokens were compressed"

@@ -1,18 +1,26 @@
-"""The GPU path: the same steps as the torch backend, with the Triton kernels of kvserve.kernels."""
+"""The GPU path: the Triton kernels of kvserve.kernels, for the pages and the compressed tiers."""
 
 from __future__ import annotations
 
 import torch
 
-from kvserve.attention.backend import AttentionBackend, AttentionMetadata
+from kvserve.attention.backend import AttentionBackend
+from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.registry import register
 from kvserve.kernels.paged_decode import paged_decode
 from kvserve.kernels.paged_prefill import paged_prefill
+from kvserve.kernels.quant_decode import quant_decode
+from kvserve.kernels.sparse_decode import sparse_decode_ref
 from kvserve.kernels.store_kv import store_kv
+from kvserve.kernels.thin_decode import thin_decode
 
 
+@register
 class TritonBackend(AttentionBackend):
     name = "triton"
-    triton = True
+    quant_kernel = staticmethod(quant_decode)
+    thin_kernel = staticmethod(thin_decode)
+    host_kernel = staticmethod(sparse_decode_ref)  # the host tier's tokens stay in host memory
 
     def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> None:
         super().__init__(k_pages, v_pages, scale)
@@ -36,5 +44,4 @@ class TritonBackend(AttentionBackend):
     def prefill(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, meta: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return paged_prefill(q, self.k_pages, self.v_pages, tables, lens, meta.prefill_query_start_loc,
-                             self.scale, meta.prefill_windows if meta.prefill_windows is not None else 0,
-                             max_chunk_len=self._max_chunk_len(meta))
+                             self.scale, meta.prefill_window_sizes, max_chunk_len=self._max_chunk_len(meta))

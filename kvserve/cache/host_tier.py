@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.cache.thin_key import ThinKeyTier, ThinView
-from kvserve.cache.tier import Tier, TierKey, TierSet, TierView
-from kvserve.kernels.sparse_decode import sparse_decode_ref
+from kvserve.cache.tier import Tier, TierKey, TierSet
 
 
 @dataclass(frozen=True)
@@ -49,20 +48,17 @@ class HostTier(ThinKeyTier):
         super().release_row(row)
         self.key_max[row] = 0
 
-    def view(self, rows: torch.Tensor, batch_index: torch.Tensor) -> TierView:
-        return HostView(self, rows, batch_index)
+    def view(self, rows: torch.Tensor, batch_index: torch.Tensor) -> HostView:
+        thin = super().view(rows, batch_index)
+        return HostView(**vars(thin), key_max=self.key_max[rows], select=self.select[rows],
+                        channels_scored=self.channels_scored[rows])
 
 
+@dataclass
 class HostView(ThinView):
-    def __init__(self, tier: HostTier, rows: torch.Tensor, batch_index: torch.Tensor) -> None:
-        super().__init__(tier, rows, batch_index)
-        self.key_max = tier.key_max[rows]
-        self.select = tier.select[rows]
-        self.channels_scored = tier.channels_scored[rows]
+    """kernels/sparse_decode.py's arguments, with a layer axis: a thin view of every channel, plus
+    what ranks the tokens. All on the host, beside the host pool."""
 
-    def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        tier = self.tier
-        out, lse = sparse_decode_ref(q.to(tier.pool.k_pages.device), self.key_max[:, layer], tier.keys.view,
-                                     self.key_tables[:, layer], tier.values.view, self.value_tables[:, layer],
-                                     self.lens[:, layer], self.select, self.channels_scored, scale)
-        return out.to(q.device), lse.to(q.device)
+    key_max: torch.Tensor  # [n, L, Hkv, D] max |K| per channel
+    select: torch.Tensor  # [n] tokens attended per head
+    channels_scored: torch.Tensor  # [n] channels the ranking uses

@@ -1,7 +1,7 @@
 """The quantized page format (KIVI): keys per channel over groups of tokens, values per token.
 
 Two record lists per head: one record per token (key and value codes, value scales) and one per
-group of `group_size` tokens (the key scales); `QuantLayout` in kernels/quant_decode.py gives the
+group of `group_size` tokens (the key scales); `QuantLayout` in kernels/quant_layout.py gives the
 byte layout. Tokens arrive in whole groups, so a key group never straddles two stores.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.cache.tier import Tier, TierKey, TierSet, TierView
-from kvserve.kernels.quant_decode import QuantLayout, quant_decode, quant_decode_ref
+from kvserve.kernels.quant_layout import QuantLayout
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,21 @@ class QuantizedTier(Tier):
         self.groups.write(group_addr, group_records)
         self.lengths[rows] += counts.to(torch.int32)
 
-    def view(self, rows: torch.Tensor, batch_index: torch.Tensor) -> TierView:
-        return QuantView(self, rows, batch_index)
-
-
-class QuantView(TierView):
-    def __init__(self, tier: QuantizedTier, rows: torch.Tensor, batch_index: torch.Tensor) -> None:
-        self.tier = tier
-        self.batch_index = batch_index
-        lens = tier.lengths[rows]
+    def view(self, rows: torch.Tensor, batch_index: torch.Tensor) -> QuantView:
+        lens = self.lengths[rows]
         tokens = int(lens.max())
-        # copied to the pool's device once per step, not once per layer
-        device = tier.pool.storage.device
-        self.lens = lens.to(device)
-        self.token_tables = tier.tokens.lists(rows, tokens, device)
-        self.group_tables = tier.groups.lists(rows, tokens // tier.unit, device)
+        device = self.pool.storage.device
+        return QuantView(batch_index, self.layout, self.tokens.view, self.tokens.lists(rows, tokens, device),
+                         self.groups.view, self.groups.lists(rows, tokens // self.unit, device), lens.to(device))
 
-    def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        tier = self.tier
-        decode = quant_decode if triton else quant_decode_ref
-        return decode(q, tier.tokens.view, self.token_tables[:, layer], tier.groups.view, self.group_tables[:, layer],
-                      self.lens[:, layer], tier.layout, scale)
+
+@dataclass
+class QuantView(TierView):
+    """kernels/quant_decode.py's arguments, with a layer axis."""
+
+    layout: QuantLayout
+    token_view: torch.Tensor  # [2N, per_half, token_bytes] uint8, the pool's token records
+    token_tables: torch.Tensor  # [n, L, Hkv, Pt] int32
+    group_view: torch.Tensor  # [2N, per_half, group_bytes] uint8, the pool's group records
+    group_tables: torch.Tensor  # [n, L, Hkv, Pg] int32
+    lens: torch.Tensor  # [n, L, Hkv] int32, quantized tokens per head

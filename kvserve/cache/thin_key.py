@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.cache.tier import Tier, TierKey, TierSet, TierView
-from kvserve.kernels.thin_decode import thin_decode, thin_decode_ref
 
 
 @dataclass(frozen=True)
@@ -45,24 +44,22 @@ class ThinKeyTier(Tier):
         self.values.write(value_addr, values.to(dtype).contiguous().view(torch.uint8))
         self.lengths[rows] += counts.to(torch.int32)
 
-    def view(self, rows: torch.Tensor, batch_index: torch.Tensor) -> TierView:
-        return ThinView(self, rows, batch_index)
+    def view(self, rows: torch.Tensor, batch_index: torch.Tensor) -> ThinView:
+        lens = self.lengths[rows]
+        tokens = int(lens.max())
+        device = self.pool.storage.device
+        return ThinView(batch_index, self.channels[rows].to(device), self.keys.view,
+                        self.keys.lists(rows, tokens, device), self.values.view,
+                        self.values.lists(rows, tokens, device), lens.to(device))
 
 
+@dataclass
 class ThinView(TierView):
-    def __init__(self, tier: ThinKeyTier, rows: torch.Tensor, batch_index: torch.Tensor) -> None:
-        self.tier = tier
-        self.batch_index = batch_index
-        tokens = int(tier.lengths[rows].max())
-        # copied to the pool's device once per step, not once per layer
-        device = tier.pool.storage.device
-        self.lens = tier.lengths[rows].to(device)
-        self.key_tables = tier.keys.lists(rows, tokens, device)
-        self.value_tables = tier.values.lists(rows, tokens, device)
-        self.channels = tier.channels[rows].to(device)
+    """kernels/thin_decode.py's arguments, with a layer axis."""
 
-    def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        tier = self.tier
-        decode = thin_decode if triton else thin_decode_ref
-        return decode(q, self.channels[:, layer], tier.keys.view, self.key_tables[:, layer], tier.values.view,
-                      self.value_tables[:, layer], self.lens[:, layer], scale)
+    channels: torch.Tensor  # [n, L, Hkv, K] int64, each head's kept key channels
+    key_view: torch.Tensor  # [2N, per_half, K * itemsize] uint8, the pool's thin-key records
+    key_tables: torch.Tensor  # [n, L, Hkv, Pk] int32
+    value_view: torch.Tensor  # [2N, per_half, D * itemsize] uint8, the pool's value records
+    value_tables: torch.Tensor  # [n, L, Hkv, Pv] int32
+    lens: torch.Tensor  # [n, L, Hkv] int32, thin tokens per head

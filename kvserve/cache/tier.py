@@ -3,8 +3,9 @@
 A sequence's cache for one (layer, KV head) is its full-precision pages (the `PageTable`) plus,
 for policies that compress rather than evict, the tokens of one or more tiers: quantized (KIVI),
 thin-key (ThinK), or a host copy (TailorKV's offloaded layers). Attention over a head is the
-softmax over the union; each tier attends its part and the parts are merged by their
-log-sum-exp (`TierView.attend`, `merge_attention`).
+softmax over the union; the attention backend attends each tier's part with its kernel for that
+tier and merges the parts by their log-sum-exp (kvserve/attention/backend.py). Tiers only store:
+each step they hand attention a `TierView`, plain data its kernel reads.
 
 Invariants every tier keeps:
 - tokens enter only through `store`, oldest first, in whole `unit`s per head, and stay until the
@@ -37,14 +38,15 @@ class TierKey(ABC):
         """The tier this key names, in `cache`'s pool (or its host pool)."""
 
 
-class TierView(ABC):
-    """One step's decode rows of one tier, read by attention layer by layer."""
+@dataclass
+class TierView:
+    """One step's decode rows of one tier, as the tier's decode kernel reads them, layer by layer.
+
+    A subclass holds plain data only: record views of the tier's pool, their byte layout, and
+    per-row tables, lengths and parameters (the layer on axis 1 where they vary by layer), already
+    on the pool's device (copied once per step, not once per layer)."""
 
     batch_index: torch.Tensor  # [n] rows of the step's decode batch that hold tokens in this tier
-
-    @abstractmethod
-    def attend(self, layer: int, q: torch.Tensor, scale: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [n, Hq, D] -> (out [n, Hq, D], lse [n, Hq]); lse -inf where a head holds nothing here."""
 
 
 class Tier(ABC):

@@ -79,6 +79,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    def abort_all(self) -> None:
+        """Abort every request being streamed; each still ends with its output (finish_reason "abort")."""
+        for request_id in list(self._queues):
+            self.abort(request_id)
+
     def _send(self, kind: str, payload: Any) -> None:
         self._inbox.put((kind, payload))
         self._wake.set()

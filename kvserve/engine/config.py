@@ -7,9 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
+from kvserve.attention.registry import BACKENDS
+
 SCHEDULING_POLICIES = ("fcfs", "priority")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attention_backends() -> tuple[str, ...]:
+    """`--attention-backend` choices: `auto`, then every registered backend."""
+    return ("auto", *BACKENDS.names())
 
 
 def available_memory_bytes() -> int:
@@ -42,8 +48,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.attention_backend not in attention_backends():
+            raise ValueError(f"attention_backend must be one of {', '.join(attention_backends())}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

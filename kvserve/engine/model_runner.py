@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.attention.backend import AttentionMetadata, create_backend
+from kvserve.attention.metadata import AttentionMetadata
+from kvserve.attention.registry import create_backend
 from kvserve.cache.page_pool import PagePool
 from kvserve.cache.page_table import PageTable
 from kvserve.cache.tier import TierSet
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.scheduler import ScheduledBatch
+from kvserve.engine.sequence import Sequence
 from kvserve.kernels import cpu_library
 from kvserve.model.config import ModelConfig
 from kvserve.model.llama import LlamaModel
@@ -29,6 +31,30 @@ class PromptSpan:
     seq: int
     first: int
     count: int
+
+
+@dataclass
+class Observations:
+    """What attention must report this step for the compression policies: decode scores (for every
+    decode row), and per batch row the probabilities (`windows`) and the query energy
+    (`query_windows`) of that many of its prefill chunk's last queries (0: none)."""
+
+    decode_scores: bool = False
+    windows: list[int] = field(default_factory=list)
+    query_windows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ModelOutput:
+    """What one forward pass gives the engine."""
+
+    # the sequences that sample a token now (all their tokens are in the cache and they want tokens;
+    # a request for no tokens samples nothing), and their next-token logits [len(sampling), vocab]
+    sampling: list[Sequence]
+    logits: torch.Tensor
+    # the prompt positions whose logits requests asked for (prompt_logprobs): each span with its [count, vocab]
+    prompt_logits: list[tuple[PromptSpan, torch.Tensor]]
+    meta: AttentionMetadata  # the step's metadata, holding the observations
 
 
 class ModelRunner:
@@ -56,14 +82,10 @@ class ModelRunner:
                  self.pool.capacity * config.block_size * 2 * mc.head_dim * self.pool.k_pages.element_size()
                  // token_bytes)
 
-    def execute(self, batch: ScheduledBatch, observe_decode: bool = False, windows: list[int] | None = None,
-                query_windows: list[int] | None = None
-                ) -> tuple[torch.Tensor, list[int], list[PromptSpan], AttentionMetadata]:
-        """Run the batch; return logits [n + m, vocab], the batch indices of the n sampling sequences
-        (the first n rows; a request for no tokens samples nothing), the spans of prompt positions
-        whose logits requests asked for (the other m rows, in order), and the step's metadata (with the
-        observations the policies asked for: decode scores, the probabilities of `windows[i]` and the
-        query energy of `query_windows[i]` prefill queries of sequence i)."""
+    def execute(self, batch: ScheduledBatch, observations: Observations | None = None) -> ModelOutput:
+        """Run the batch, with the observations the policies asked for in the step's metadata."""
+        observations = observations or Observations()
+        windows, query_windows = observations.windows, observations.query_windows
         seqs = batch.seqs
         counts = torch.tensor(batch.counts)
         rows = torch.tensor([s.row for s in seqs])
@@ -86,9 +108,9 @@ class ModelRunner:
             prefill_rows=prefill_rows,
             prefill_tokens=torch.nonzero(~is_decode[token_seq])[:, 0],
             prefill_query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(prefill_counts, 0)]),
-            observe_decode=observe_decode,
-            prefill_windows=torch.tensor(windows)[prefill_rows] if windows and any(windows) else None,
-            query_windows=torch.tensor(query_windows)[prefill_rows] if query_windows and any(query_windows) else None,
+            observe_decode=observations.decode_scores,
+            prefill_windows=torch.tensor(windows)[prefill_rows] if any(windows) else None,
+            query_windows=torch.tensor(query_windows)[prefill_rows] if any(query_windows) else None,
             tier_views=self.tiers.views(rows[decode_rows]) if self.tiers.tiers and decode_rows.numel() else [],
         )
         sampling = [i for i, (s, c) in enumerate(zip(seqs, batch.counts))
@@ -105,7 +127,9 @@ class ModelRunner:
                                     logits_index.to(device)).cpu()
         for s, c in zip(seqs, batch.counts):
             s.num_computed += c
-        return logits, sampling, spans, meta
+        prompt_logits = logits[len(sampling):].split([span.count for span in spans])
+        return ModelOutput(sampling=[seqs[i] for i in sampling], logits=logits[:len(sampling)],
+                           prompt_logits=list(zip(spans, prompt_logits)), meta=meta)
 
     @staticmethod
     def _prompt_spans(batch: ScheduledBatch) -> list[PromptSpan]:

@@ -8,10 +8,11 @@ from collections import Counter, defaultdict
 
 import torch
 
-from kvserve.attention.backend import AttentionMetadata
+from kvserve.attention.metadata import AttentionMetadata
 from kvserve.cache.page_pool import OutOfPages
 from kvserve.cache.page_table import PageTable
 from kvserve.cache.tier import TierSet
+from kvserve.engine.model_runner import Observations
 from kvserve.engine.scheduler import ScheduledBatch
 from kvserve.policies.base import Policy, PolicyStep, Transfer
 
@@ -23,20 +24,20 @@ class PolicyRunner:
         self.group_size = group_size
         self.tokens_evicted: Counter[str] = Counter()
 
-    def observations(self, batch: ScheduledBatch) -> tuple[bool, list[int], list[int]]:
+    def observations(self, batch: ScheduledBatch) -> Observations:
         """What attention must report this step: decode scores? the probabilities and the query
         energy of how many of each prefill chunk's last queries?"""
-        decode, windows, query_windows = False, [], []
+        wanted = Observations()
         for seq, count in zip(batch.seqs, batch.counts):
             if count == 1:
-                decode |= seq.policy.needs_decode_scores
-                windows.append(0)
-                query_windows.append(0)
+                wanted.decode_scores |= seq.policy.needs_decode_scores
+                wanted.windows.append(0)
+                wanted.query_windows.append(0)
             else:
                 prompt_done = seq.num_computed + count == seq.num_tokens
-                windows.append(seq.policy.prefill_window(count, prompt_done))
-                query_windows.append(seq.policy.query_window(count, prompt_done))
-        return decode, windows, query_windows
+                wanted.windows.append(seq.policy.prefill_window(count, prompt_done))
+                wanted.query_windows.append(seq.policy.query_window(count, prompt_done))
+        return wanted
 
     def after_step(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         """Call after the forward pass (sequences' num_computed already advanced)."""

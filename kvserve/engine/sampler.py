@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.engine.sampling_params import SamplingParams
+from kvserve.engine.sequence import Sequence
 from kvserve.kernels.argmax import argmax_rows
 
 _MASK64 = (1 << 64) - 1
@@ -66,11 +67,11 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: l
     return torch.where(mask, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
-                  prompts: list[list[int]], banned: list[list[int]]) -> torch.Tensor:
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]]) -> torch.Tensor:
     """Each row's own edits before sampling, computed only where some row asks: allowed_token_ids,
     logit_bias, the tokens `banned` this step (stop tokens before min_tokens, the last tokens of bad
     words), then the penalties."""
+    params = [s.params for s in seqs]
     restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if restricted:
         allowed = torch.zeros_like(logits, dtype=torch.bool)
@@ -89,19 +90,19 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: l
     presence = torch.tensor([p.presence_penalty for p in params])
     frequency = torch.tensor([p.frequency_penalty for p in params])
     if bool(presence.any()) or bool(frequency.any()):
-        logits = apply_penalties(logits, outputs, presence, frequency)
+        logits = apply_penalties(logits, [s.output_token_ids for s in seqs], presence, frequency)
     repeating = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repeating:
         logits = apply_repetition_penalty(logits, repeating, [params[i].repetition_penalty for i in repeating],
-                                          [prompts[i] + outputs[i] for i in repeating])
+                                          [seqs[i].prompt_token_ids + seqs[i].output_token_ids for i in repeating])
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], outputs: list[list[int]],
-           prompts: list[list[int]], banned: list[list[int]]) -> SamplerOutput:
-    """logits [n, vocab] float32, one row per sampled sequence; for each, the tokens it has output
-    so far, its prompt and the tokens it may not sample this step."""
-    logits = adjust_logits(logits, params, outputs, prompts, banned)
+def sample(logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]]) -> SamplerOutput:
+    """logits [n, vocab] float32, one row per sequence; `banned[i]`: the tokens seqs[i] may not
+    sample this step. A row's draw uses its sequence's seed and the number of tokens it has output."""
+    params = [s.params for s in seqs]
+    logits = adjust_logits(logits, seqs, banned)
     want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     logprobs = top_ids = top_logprobs = None
     if want_logprobs is not None:
@@ -112,7 +113,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     if random_rows:
         rows = torch.tensor(random_rows)
         chosen[rows] = _sample_random(logits[rows], [params[i] for i in random_rows],
-                                      [draw_uniform(seeds[i], len(outputs[i])) for i in random_rows])
+                                      [draw_uniform(seqs[i].seed, len(seqs[i].output_token_ids))
+                                       for i in random_rows])
     if want_logprobs is not None:
         logprobs = all_logprobs.gather(1, chosen[:, None])[:, 0]
         if want_logprobs:

@@ -1,10 +1,60 @@
-"""What a request asks of the sampler: the OpenAI and vLLM sampling fields, validated once."""
+"""What a request asks of the sampler: the OpenAI and vLLM sampling fields, validated once.
+
+`SAMPLING_BOUNDS` is the one statement of their numeric ranges: `SamplingParams` checks it, and the
+HTTP API declares the same ranges on its request fields (so its schema shows them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from kvserve.engine.errors import InvalidRequest
+
+MAX_LOGPROBS = 20  # the sampler returns at most this many alternatives per token
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric range in pydantic's terms: `ge` or `gt` below, `le` above (None: unbounded)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le))
+
+    def __str__(self) -> str:
+        """As an error message says it: `in (0, 1]`, `>= -1`."""
+        if self.ge is not None:
+            low, only_low = f"[{self.ge:g}", f">= {self.ge:g}"
+        elif self.gt is not None:
+            low, only_low = f"({self.gt:g}", f"> {self.gt:g}"
+        else:
+            return f"<= {self.le:g}"
+        return only_low if self.le is None else f"in {low}, {self.le:g}]"
+
+    def constraints(self) -> dict[str, float]:
+        """The bound as keyword arguments of pydantic's `Field`."""
+        return {name: value for name, value in (("ge", self.ge), ("gt", self.gt), ("le", self.le))
+                if value is not None}
+
+
+# OpenAI's ranges, and vLLM's for its fields; `logit_bias` bounds each bias value
+SAMPLING_BOUNDS = {
+    "max_tokens": Bound(ge=0),  # 0: the prompt is only scored
+    "temperature": Bound(ge=0, le=2),
+    "top_p": Bound(gt=0, le=1),
+    "top_k": Bound(ge=-1),  # 0 or -1: disabled
+    "min_p": Bound(ge=0, le=1),
+    "presence_penalty": Bound(ge=-2, le=2),
+    "frequency_penalty": Bound(ge=-2, le=2),
+    "repetition_penalty": Bound(gt=0),
+    "logit_bias": Bound(ge=-100, le=100),
+    "min_tokens": Bound(ge=0),
+    "logprobs": Bound(ge=0, le=MAX_LOGPROBS),
+    "prompt_logprobs": Bound(ge=0, le=MAX_LOGPROBS),
+}
 
 
 @dataclass
@@ -33,22 +83,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = [
-            ("max_tokens", self.max_tokens >= 0, ">= 0 (0: the prompt is only scored)"),
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k >= -1, "-1, 0 or positive"),
-            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("logit_bias", all(-100 <= bias <= 100 for bias in self.logit_bias.values()), "values in [-100, 100]"),
-            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
-            ("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "non-empty"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
-            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "in [0, 20]"),
-        ]
-        for name, valid, expected in checks:
-            if not valid:
-                raise InvalidRequest(f"{name} must be {expected}", name)
+        for name, bound in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            if name == "logit_bias":
+                if any(bias not in bound for bias in value.values()):
+                    raise InvalidRequest(f"logit_bias values must be {bound}", name)
+            elif value is not None and value not in bound:
+                raise InvalidRequest(f"{name} must be {bound}", name)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequest("min_tokens must be at most max_tokens", "min_tokens")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidRequest("allowed_token_ids must be non-empty", "allowed_token_ids")
 
     @property
     def greedy(self) -> bool:

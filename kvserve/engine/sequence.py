@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,10 @@ from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.outputs import RequestMetrics, TokenLogprob
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.policies.base import Policy, PolicyParams
+
+# A per-request hook on the sampled token (evaluation's teacher forcing is one): called with the row's
+# logits [vocab] and the token sampled from them, it returns the token the sequence appends instead.
+TokenOverride = Callable[[torch.Tensor, int], int]
 
 
 class Status(enum.Enum):
@@ -48,9 +53,7 @@ class Sequence:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
     kv_bytes_peak: int = 0
     emitted_tokens: int = 0  # output tokens already handed to the caller
-    # teacher forcing (evaluation): feed these tokens instead of sampling, keep each step's log-probs
-    forced_tokens: list[int] | None = None
-    forced_logprobs: list[torch.Tensor] = field(default_factory=list)
+    token_override: TokenOverride | None = None
 
     @property
     def num_tokens(self) -> int:

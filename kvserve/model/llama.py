@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from kvserve.attention.backend import AttentionBackend, AttentionMetadata
+from kvserve.attention.backend import AttentionBackend
+from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kernels import amx_linear, f32_linear
 from kvserve.kernels.pointwise import rms_norm, rope_, silu_mul
 from kvserve.model.config import ModelConfig

@@ -3,16 +3,17 @@ validated parameters; errors are `PolicyError` naming the offending field."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any
 
 from pydantic import ValidationError
 
 from kvserve.policies.base import Policy, PolicyParams
+from kvserve.registry import Registry
 
-POLICIES: dict[str, type[Policy]] = {}
-_BUILTIN_MODULES = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova", "kivi", "think", "tailorkv")
+_BUILTINS = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova", "kivi", "think", "tailorkv")
+POLICIES: Registry[type[Policy]] = Registry("kv_policy", tuple(f"kvserve.policies.{name}" for name in _BUILTINS))
+register = POLICIES.register
 
 
 class PolicyError(ValueError):
@@ -21,20 +22,9 @@ class PolicyError(ValueError):
         self.param = param
 
 
-def register(cls: type[Policy]) -> type[Policy]:
-    POLICIES[cls.name] = cls
-    return cls
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"kvserve.policies.{module}")
-
-
 def parse_policy(spec: str | dict[str, Any] | PolicyParams | None, default: PolicyParams | None = None
                  ) -> PolicyParams:
     """Validate a policy spec: a registered name, a JSON object string, or a dict with `name`."""
-    _load_builtins()
     if spec is None:
         return default if default is not None else POLICIES["full"].Params()
     if isinstance(spec, PolicyParams):
@@ -52,7 +42,7 @@ def parse_policy(spec: str | dict[str, Any] | PolicyParams | None, default: Poli
         raise PolicyError("kv_policy must be a policy name or an object with a 'name' field")
     name = spec.get("name")
     if name not in POLICIES:
-        raise PolicyError(f"unknown kv_policy name {name!r}; known policies: {', '.join(sorted(POLICIES))}",
+        raise PolicyError(f"unknown kv_policy name {name!r}; known policies: {', '.join(POLICIES)}",
                           "kv_policy.name")
     try:
         return POLICIES[name].Params(**spec)
@@ -64,15 +54,13 @@ def parse_policy(spec: str | dict[str, Any] | PolicyParams | None, default: Poli
 
 
 def create_policy(params: PolicyParams, prompt_tokens: int) -> Policy:
-    _load_builtins()
     return POLICIES[params.name](params, prompt_tokens)
 
 
 def describe_policies() -> list[dict[str, Any]]:
     """Name, default parameters and JSON schema of every registered policy."""
-    _load_builtins()
     return [{"name": name, "defaults": cls.Params().model_dump() if _has_defaults(cls) else None,
-             "schema": cls.Params.model_json_schema()} for name, cls in sorted(POLICIES.items())]
+             "schema": cls.Params.model_json_schema()} for name, cls in POLICIES.items()]
 
 
 def _has_defaults(cls: type[Policy]) -> bool:

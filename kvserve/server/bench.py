@@ -5,8 +5,8 @@ share the CPU or GPU), kvserve then transformers for each of `--rounds` rounds. 
 a warm-up request, then has N concurrent clients stream completions (prompts of ~200 words, greedy,
 a fixed number of tokens with EOS ignored), and it prints output tokens/s, TTFT p50/p99 and time per
 output token side by side with kvserve/transformers ratios, medians over the rounds.
-Metrics follow `vllm bench serve`: TTFT = first streamed text - send; TPOT = (last - first) /
-(tokens - 1). Nothing is downloaded: both servers read the local model folder."""
+The client and the figures are loadtest's (`vllm bench serve`'s definitions: TTFT = first chunk -
+send; TPOT = (last - first) / (tokens - 1)). Nothing is downloaded: both servers read the local model folder."""
 
 from __future__ import annotations
 
@@ -16,111 +16,44 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-import numpy as np
 
 from kvserve.kernels import cpu_library
 from kvserve.model.loader import resolve_model
-from kvserve.server.ports import free_local_port
+from kvserve.server.process import ServerProcess
+from loadtest.client import stream_completion
+from loadtest.datasets import Sample, random_words
+from loadtest.metrics import summarize
 
-WORDS = ("river mountain quiet lantern history engine garden silver market winter harbor letter orchard signal "
-         "painter bridge valley thunder library compass meadow candle voyage window forest copper island "
-         "shadow ladder festival canyon whisper kettle meadowlark granite ember canvas journey").split()
-
-
-@dataclass
-class Result:
-    ttft: float
-    tpot: float
-    tokens: int
-    sent: float
-    done: float
-
-
-@dataclass
-class Summary:
-    name: str
-    results: list[Result]
-
-    @property
-    def throughput(self) -> float:
-        span = max(r.done for r in self.results) - min(r.sent for r in self.results)
-        return sum(r.tokens for r in self.results) / span
-
-    def ttft(self, q: float) -> float:
-        return float(np.percentile([r.ttft for r in self.results], q))
-
-    def tpot(self) -> float:
-        return float(np.mean([r.tpot for r in self.results]))
+SERVER_START_TIMEOUT_S = 600
 
 
 def prompts(count: int, words: int) -> list[str]:
     rng = random.Random(0)
-    return [f"Story {i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) + ". Continue the story:"
-            for i in range(count)]
+    return [f"Story {i}: {random_words(rng, words)}. Continue the story:" for i in range(count)]
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
-    sent = time.perf_counter()
-    first = last = None
-    tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if any(c.get("text") for c in chunk.get("choices", ())):
-                last = time.perf_counter()
-                first = first or last
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    if first is None or last is None or tokens < 2:
-        raise RuntimeError(f"{url} streamed no usable completion")
-    return Result(ttft=first - sent, tpot=(last - first) / (tokens - 1), tokens=tokens, sent=sent, done=last)
-
-
-async def run_clients(url: str, bodies: list[dict]) -> list[Result]:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(bodies))) as client:
-        await stream_one(client, url, bodies[0])  # warm-up: first-request set-up is not serving speed
-        return await asyncio.gather(*(stream_one(client, url, body) for body in bodies))
-
-
-@contextmanager
-def serving(command: list[str], url: str, env: dict[str, str] | None = None) -> Iterator[None]:
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"{command[:3]} exited:\n{log.read().decode(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[:3]} did not become healthy")
-            time.sleep(0.5)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+async def run_clients(url: str, bodies: list[dict], texts: list[str], max_tokens: int) -> dict[str, Any]:
+    """Every body streamed at once after one warm-up request (first-request set-up is not serving
+    speed); loadtest's figures over them, a failed request an error."""
+    samples = [Sample(text, max_tokens) for text in texts]
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(bodies))
+                                 ) as client:
+        await stream_completion(client, 0, samples[0], bodies[0])
+        start = time.perf_counter()
+        results = await asyncio.gather(*(stream_completion(client, i, sample, body)
+                                         for i, (sample, body) in enumerate(zip(samples, bodies))))
+        duration = time.perf_counter() - start
+    failed = [r.error for r in results if not r.success]
+    if failed:
+        raise RuntimeError(f"{url}: {len(failed)} requests failed, e.g. {failed[0]}")
+    return summarize(results, duration)
 
 
 def transformers_model_folder(folder: Path, scratch: Path) -> Path:
@@ -137,43 +70,42 @@ def transformers_model_folder(folder: Path, scratch: Path) -> Path:
     return scratch
 
 
-def bench_kvserve(args: argparse.Namespace, texts: list[str]) -> Summary:
-    port = free_local_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "kvserve", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", args.dtype, *(["--model", args.model] if args.model else []), *args.kvserve_args]
+def bench_kvserve(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    flags = ["--dtype", args.dtype, *(["--model", args.model] if args.model else []), *args.kvserve_args]
     bodies = [{"prompt": t, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                "stream_options": {"include_usage": True}} for t in texts]
-    with serving(command, url):
-        return Summary("kvserve", asyncio.run(run_clients(url, bodies)))
+    with ServerProcess.kvserve(*flags, timeout=SERVER_START_TIMEOUT_S) as server:
+        return asyncio.run(run_clients(server.url, bodies, texts, args.max_tokens))
 
 
-def bench_transformers(args: argparse.Namespace, texts: list[str], folder: Path) -> Summary:
-    port = free_local_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--device", args.hf_device]
+def bench_transformers(args: argparse.Namespace, texts: list[str], folder: Path) -> dict[str, Any]:
+    command = lambda port: [str(Path(sys.executable).with_name("transformers")), "serve", str(folder),
+                            "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
+                            "--device", args.hf_device]
     # a fresh generation config has no EOS token: the same fixed-length, greedy generation as ignore_eos
     config = json.dumps({"max_new_tokens": args.max_tokens, "do_sample": False})
     bodies = [{"prompt": t, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
                "generation_config": config} for t in texts]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with serving(command, url, env):
-        return Summary("transformers", asyncio.run(run_clients(url, bodies)))
+    with ServerProcess(command, SERVER_START_TIMEOUT_S, env, name="transformers-serve") as server:
+        return asyncio.run(run_clients(server.url, bodies, texts, args.max_tokens))
 
 
-def report(ours: list[Summary], theirs: list[Summary]) -> str:
+METRICS = (("output tokens/s", "output_throughput", 1.0), ("TTFT p50 (s)", "median_ttft_ms", 1e-3),
+           ("TTFT p99 (s)", "p99_ttft_ms", 1e-3), ("time per output token (ms)", "mean_tpot_ms", 1.0))
+
+
+def report(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> str:
     """Each server's median over rounds, and the median of the rounds' ratios (round i's two runs are
     minutes apart, so a busy spell on a shared host weighs on both)."""
-    metrics = [("output tokens/s", lambda s: s.throughput), ("TTFT p50 (s)", lambda s: s.ttft(50)),
-               ("TTFT p99 (s)", lambda s: s.ttft(99)), ("time per output token (ms)", lambda s: 1000 * s.tpot())]
     lines = [f"{'':28}{'kvserve':>12}{'transformers':>14}{'ratio':>9}"]
-    for name, metric in metrics:
-        ratio = statistics.median(metric(a) / metric(b) for a, b in zip(ours, theirs))
-        lines.append(f"{name:28}{statistics.median(map(metric, ours)):12.3f}"
-                     f"{statistics.median(map(metric, theirs)):14.3f}{ratio:9.2f}")
+    for name, key, unit in METRICS:
+        ratio = statistics.median(a[key] / b[key] for a, b in zip(ours, theirs))
+        lines.append(f"{name:28}{statistics.median(s[key] for s in ours) * unit:12.3f}"
+                     f"{statistics.median(s[key] for s in theirs) * unit:14.3f}{ratio:9.2f}")
     if len(ours) > 1:
-        by_round = ", ".join(f"{a.throughput:.1f} / {b.throughput:.1f}" for a, b in zip(ours, theirs))
+        by_round = ", ".join(f"{a['output_throughput']:.1f} / {b['output_throughput']:.1f}"
+                             for a, b in zip(ours, theirs))
         lines.append(f"medians of {len(ours)} rounds; output tokens/s by round (kvserve / transformers): {by_round}")
     return "\n".join(lines)
 

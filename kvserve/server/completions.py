@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvserve.engine.limits import check_token_ids
 from kvserve.engine.outputs import RequestOutput, TokenLogprob
 from kvserve.server.errors import APIError
 from kvserve.server.generation import Sample
@@ -29,9 +30,8 @@ class Completions(Endpoint):
             prompts = [list(ids) for ids in encoded["input_ids"]]
         if any(not ids for ids in prompts):
             raise APIError(400, "prompt: a prompt tokenizes to nothing", "prompt")
-        vocab = self.state.engine.model_config.vocab_size
-        if any(not 0 <= t < vocab for ids in prompts for t in ids):
-            raise APIError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
+        for ids in prompts:
+            check_token_ids("prompt", ids, self.state.engine.model_config.vocab_size)
         return prompts  # type: ignore[return-value]
 
     def max_tokens(self, req: CompletionRequest, prompts: list[list[int]]) -> int:

@@ -39,8 +39,9 @@ class APIError(Exception):
 
 
 def invalid_request(error: ValueError) -> APIError:
-    """A 400 for a ValueError that may carry `param` (the engine's and the policy registry's do)."""
-    return APIError(400, str(error), getattr(error, "param", None))
+    """A 400 for a ValueError that may carry `param` (the engine's and the policy registry's do) and
+    `code` (the engine's context_length_exceeded)."""
+    return APIError(400, str(error), getattr(error, "param", None), getattr(error, "code", None))
 
 
 def from_validation_error(errors: list[dict[str, Any]]) -> APIError:

@@ -14,10 +14,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from kvserve.engine.async_engine import AsyncEngine
 from kvserve.engine.outputs import KVUsage, RequestOutput, TokenLogprob
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.policies.base import PolicyParams
-from kvserve.server.state import ServerState
+from kvserve.server.admission import Admission
+from kvserve.server.metrics import ServerMetrics
 
 T = TypeVar("T")
 
@@ -55,18 +57,20 @@ class Sample:
 
 
 class Generation:
-    def __init__(self, state: ServerState, request_id: str, prompts: Sequence[list[int]], params: SamplingParams,
-                 n: int, policy: PolicyParams | None, echo: Sequence[str] | None = None, priority: int = 0) -> None:
+    def __init__(self, engine: AsyncEngine, admission: Admission, metrics: ServerMetrics, request_id: str,
+                 prompts: Sequence[list[int]], params: SamplingParams, n: int, policy: PolicyParams,
+                 echo: Sequence[str] | None = None, priority: int = 0) -> None:
         """Admit the request (a 429 when the queue is full); nothing runs until `outputs()` is iterated.
         `echo`: each prompt's text, for responses that repeat it."""
-        self.state = state
+        self.engine = engine
+        self.admission = admission
+        self.metrics = metrics
         self.request_id = request_id
         # the engine's ids stay unique even when clients reuse a request_id
         self._engine_prefix = uuid.uuid4().hex
         self.prompts = prompts
         self.policy = policy
         self.priority = priority
-        self.policy_name = (policy or state.default_policy).name
         # with a seed, sample i draws from seed + i: reproducible, yet the n samples differ (as in vLLM)
         self.samples = [Sample(p * n + i, p, prompts[p], params if params.seed is None or i == 0
                                else dataclasses.replace(params, seed=params.seed + i),
@@ -74,15 +78,14 @@ class Generation:
                         for p in range(len(prompts)) for i in range(n)]
         self.first_output_time: float | None = None
         self._released: set[int] = set()
-        state.admission.admit(self.policy_name, len(self.samples))
+        admission.admit(policy.name, len(self.samples))
 
     async def outputs(self) -> AsyncIterator[tuple[Sample, RequestOutput]]:
-        engine, metrics = self.state.engine, self.state.metrics
-        streams = [engine.generate(self._engine_id(s), self.prompts[s.prompt_index], s.params, self.policy,
+        metrics = self.metrics
+        streams = [self.engine.generate(self._engine_id(s), self.prompts[s.prompt_index], s.params, self.policy,
                                    self.priority)
                    for s in self.samples]
         abandoned = False
-        self.state.generations.add(self)
         try:
             async for i, out in merge_streams(streams):
                 sample = self.samples[i]
@@ -95,20 +98,13 @@ class Generation:
                 sample.add(out)
                 if out.finished:
                     self._release(sample)
-                    metrics.finished(self.policy_name, out, sample.params.max_tokens)
+                    metrics.finished(self.policy.name, out, sample.params.max_tokens)
                 yield sample, out
         except (asyncio.CancelledError, GeneratorExit):
             abandoned = True
             raise
         finally:
-            self.state.generations.discard(self)
             self.close(abandoned)
-
-    def abort(self) -> None:
-        """Stop every unfinished sample; each then ends with finish_reason "abort"."""
-        for sample in self.samples:
-            if sample.finish_reason is None:
-                self.state.engine.abort(self._engine_id(sample))
 
     def close(self, abandoned: bool) -> None:
         """Give back the admission of every sample that has not finished (again: a no-op).
@@ -118,14 +114,14 @@ class Generation:
             if sample.index not in self._released:
                 self._release(sample)
                 if abandoned:
-                    self.state.metrics.aborted(self.policy_name)
+                    self.metrics.aborted(self.policy.name)
 
     def _engine_id(self, sample: Sample) -> str:
         return f"{self._engine_prefix}-{sample.index}"
 
     def _release(self, sample: Sample) -> None:
         self._released.add(sample.index)
-        self.state.admission.release(self.policy_name)
+        self.admission.release(self.policy.name)
 
     @property
     def prompt_tokens(self) -> int:

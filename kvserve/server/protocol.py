@@ -3,7 +3,8 @@ and response models. Field names follow OpenAI, and vLLM where OpenAI has none (
 `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
 `skip_special_tokens`, `allowed_token_ids`, `bad_words`, `prompt_logprobs`, `truncate_prompt_tokens`,
 `return_token_ids`, `request_id`, `priority`, the chat template's switches); `kv_policy` is kvserve's
-extension."""
+extension. The sampling fields' ranges are the engine's own (`SAMPLING_BOUNDS`), declared here so that
+a value out of range is a 400 naming its field and the schema shows the range."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from kvserve.engine.sampling_params import SAMPLING_BOUNDS
 from kvserve.policies.base import PolicyParams
 from kvserve.policies.registry import parse_policy
-
-MAX_LOGPROBS = 20  # the sampler returns at most this many alternatives per token
 
 
 def _utf8(text: str) -> str:
@@ -28,6 +28,11 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+
+
+def bounded(default: Any, bound: str) -> Any:
+    """A field with the range of the engine's sampling field `bound`."""
+    return Field(default, **SAMPLING_BOUNDS[bound].constraints())
 
 
 class OpenAIModel(BaseModel):
@@ -67,23 +72,23 @@ class SamplingFields(OpenAIModel):
     """The fields both endpoints share."""
 
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
+    temperature: float = bounded(1.0, "temperature")
+    top_p: float = bounded(1.0, "top_p")
+    top_k: int = bounded(0, "top_k")
+    min_p: float = bounded(0.0, "min_p")
+    presence_penalty: float = bounded(0.0, "presence_penalty")
+    frequency_penalty: float = bounded(0.0, "frequency_penalty")
+    repetition_penalty: float = bounded(1.0, "repetition_penalty")
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = bounded(0, "min_tokens")
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     bad_words: list[Text] | None = None
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = bounded(None, "prompt_logprobs")
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last k prompt tokens; -1: the context length
     return_token_ids: bool = False
     # the response's id, after its prefix; it is sent back in a header, so printable ASCII only
@@ -93,7 +98,7 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, Annotated[float, Field(**SAMPLING_BOUNDS["logit_bias"].constraints())]] | None = None
     kv_policy: str | dict[str, Any] | None = None
 
     _policy: PolicyParams | None = PrivateAttr(None)
@@ -153,8 +158,9 @@ Prompt = Text | list[Text] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = Field(None, ge=0)  # None: OpenAI's default of 16; 0 (with echo): score the prompt
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # None: OpenAI's default of 16; 0 (with echo): score the prompt
+    max_tokens: int | None = bounded(None, "max_tokens")
+    logprobs: int | None = bounded(None, "logprobs")
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -214,10 +220,11 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    # at least 1, unlike the engine's bound: a chat reply cannot only score its prompt
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = bounded(None, "logprobs")
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
     # vLLM's chat template switches

@@ -37,7 +37,7 @@ class RequestLog:
         gen = self.generation
         if gen is not None:
             first = gen.first_output_time
-            record.update(policy=gen.policy_name, n=len(gen.samples), prompt_tokens=gen.prompt_tokens,
+            record.update(policy=gen.policy.name, n=len(gen.samples), prompt_tokens=gen.prompt_tokens,
                           completion_tokens=gen.completion_tokens,
                           ttft_s=None if first is None else round(first - self.started, 4),
                           finish_reasons=[s.finish_reason for s in gen.samples])

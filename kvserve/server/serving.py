@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kvserve.engine.async_engine import EngineDeadError
+from kvserve.engine.limits import check_context_length
 from kvserve.engine.outputs import RequestOutput, TokenLogprob
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.server.errors import APIError, invalid_request
@@ -131,14 +132,14 @@ class Endpoint(ABC):
     def _admit(self, request_id: str, req: SamplingFields) -> Generation:
         state = self.state
         state.check_model(req.model)
-        prompts = self.prompt_token_ids(req)
-        if req.truncate_prompt_tokens is not None:  # the last k tokens, as vLLM keeps them
-            keep = state.engine.max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
-            prompts = [ids[-keep:] for ids in prompts]
-        max_tokens = self.max_tokens(req, prompts)
-        echo = self.echo(req, prompts)
-        logprobs = self.num_logprobs(req)
-        try:
+        try:  # the engine's own rules (token ids, context length, sampling ranges): a 400 naming the field
+            prompts = self.prompt_token_ids(req)
+            if req.truncate_prompt_tokens is not None:  # the last k tokens, as vLLM keeps them
+                keep = state.engine.max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+                prompts = [ids[-keep:] for ids in prompts]
+            echo = self.echo(req, prompts)
+            logprobs = self.num_logprobs(req)
+            max_tokens = self.max_tokens(req, prompts)
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -150,17 +151,13 @@ class Endpoint(ABC):
                 prompt_logprobs=self.prompt_logprobs(req, echo))
         except ValueError as e:
             raise invalid_request(e) from None
-        return Generation(state, request_id, prompts, params, req.n, req.policy, echo, req.priority)
+        return Generation(state.engine, state.admission, state.metrics, request_id, prompts, params, req.n,
+                          req.policy or state.default_policy, echo, req.priority)
 
     def check_context(self, prompts: list[list[int]], max_tokens: int, prompt_param: str, max_param: str) -> None:
-        limit = self.state.engine.max_model_len
+        """The engine's context-length rule for each prompt, naming this endpoint's fields."""
         for ids in prompts:
-            if len(ids) >= limit:
-                raise APIError(400, f"the prompt is {len(ids)} tokens; the model's context length is {limit}",
-                               prompt_param, "context_length_exceeded")
-            if len(ids) + max_tokens > limit:
-                raise APIError(400, f"the prompt ({len(ids)} tokens) plus {max_param} ({max_tokens}) exceeds the "
-                               f"model's context length of {limit} tokens", max_param, "context_length_exceeded")
+            check_context_length(len(ids), max_tokens, self.state.engine.max_model_len, prompt_param, max_param)
 
     async def _collect(self, gen: Generation, req: SamplingFields, created: int) -> BaseModel:
         with engine_errors():
@@ -265,7 +262,7 @@ def usage(gen: Generation) -> Usage:
     kv = [s.kv_usage for s in gen.samples if s.kv_usage is not None]
     kv_cache = None
     if kv:
-        kv_cache = KVCacheUsage(policy=gen.policy_name, bytes=sum(u.bytes for u in kv),
+        kv_cache = KVCacheUsage(policy=gen.policy.name, bytes=sum(u.bytes for u in kv),
                                 full_bytes=sum(u.full_bytes for u in kv), peak_bytes=sum(u.peak_bytes for u in kv))
     return Usage.of(gen.prompt_tokens, gen.completion_tokens, kv_cache)
 

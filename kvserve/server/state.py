@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.policies.base import PolicyParams
 from kvserve.server.admission import Admission
 from kvserve.server.errors import APIError
 from kvserve.server.metrics import ServerMetrics
-
-if TYPE_CHECKING:
-    from kvserve.server.generation import Generation
 
 
 @dataclass
@@ -24,7 +20,6 @@ class ServerState:
     model_root: str  # where the weights came from
     default_policy: PolicyParams
     log_prompts: bool = False
-    generations: set[Generation] = field(default_factory=set)  # the requests in the engine now
 
     def check_model(self, model: str | None) -> None:
         """A 404 unless `model` is absent or the served model's name."""
@@ -34,5 +29,4 @@ class ServerState:
 
     def abort_all(self) -> None:
         """End every request in the engine now; each still gets its response (finish_reason "abort")."""
-        for gen in list(self.generations):
-            gen.abort()
+        self.engine.abort_all()

@@ -3,8 +3,9 @@ count tokens or send token-id prompts. Nothing reaches the engine."""
 
 from __future__ import annotations
 
+from kvserve.engine.limits import check_token_ids
 from kvserve.server.chat import render_messages
-from kvserve.server.errors import APIError
+from kvserve.server.errors import invalid_request
 from kvserve.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from kvserve.server.state import ServerState
 
@@ -21,7 +22,8 @@ def tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
 
 def detokenize(state: ServerState, req: DetokenizeRequest) -> DetokenizeResponse:
     state.check_model(req.model)
-    vocab = state.engine.model_config.vocab_size
-    if any(t >= vocab for t in req.tokens):
-        raise APIError(400, f"tokens: token ids must be in [0, {vocab})", "tokens")
+    try:
+        check_token_ids("tokens", req.tokens, state.engine.model_config.vocab_size)
+    except ValueError as e:
+        raise invalid_request(e) from None
     return DetokenizeResponse(prompt=state.engine.tokenizer.decode(req.tokens))
