@@ -31,7 +31,8 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0  # usage.prompt_tokens; the approximate count where the server sends no usage
     text: str = ""
-    kv_cache: dict[str, Any] | None = None  # kvserve's usage.kv_cache: policy, bytes, full_bytes, peak_bytes
+    # kvserve's usage.kv_cache: policy, bytes, full_bytes, peak_bytes, footprint_byte_steps, full_footprint_byte_steps
+    kv_cache: dict[str, Any] | None = None
     correct: bool | None = None  # the completion contains the sample's expected text; None when unscored
 
     @property

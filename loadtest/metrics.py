@@ -108,8 +108,14 @@ def summarize(results: Sequence[RequestResult], duration: float, slo: dict[str, 
 
 
 def kv_cache_means(results: Sequence[RequestResult]) -> dict[str, float | None]:
-    """Mean per-request `usage.kv_cache` bytes (end, peak, full-cache) where the server reports them."""
+    """Mean per-request `usage.kv_cache` bytes (end, peak, full-cache) and footprints (byte-steps, own and
+    a full cache's) where the server reports them; a server without footprints leaves those None."""
     reported = [r.kv_cache for r in results if r.kv_cache]
-    keys = {"kv_bytes": "bytes", "kv_peak_bytes": "peak_bytes", "kv_full_bytes": "full_bytes"}
-    return {f"mean_{name}": (float(np.mean([kv[key] for kv in reported])) if reported else None)
-            for name, key in keys.items()}
+    keys = {"kv_bytes": "bytes", "kv_peak_bytes": "peak_bytes", "kv_full_bytes": "full_bytes",
+            "kv_footprint_byte_steps": "footprint_byte_steps",
+            "kv_full_footprint_byte_steps": "full_footprint_byte_steps"}
+    means: dict[str, float | None] = {}
+    for name, key in keys.items():
+        values = [kv[key] for kv in reported if key in kv]
+        means[f"mean_{name}"] = float(np.mean(values)) if values else None
+    return means

@@ -29,6 +29,7 @@ COLUMNS = (  # (summary key, heading, format)
     ("p99_e2el_ms", "E2E p99 ms", "{:.0f}"), ("request_goodput", "goodput req/s", "{:.2f}"),
     ("accuracy", "accuracy", "{:.2f}"), ("mean_kv_bytes", "KV end MiB/req", "mib"),
     ("mean_kv_peak_bytes", "KV peak MiB/req", "mib"), ("mean_kv_full_bytes", "full KV MiB/req", "mib"),
+    ("mean_kv_footprint_byte_steps", "KV footprint MiB·steps/req", "mib"),
     ("max_kv_cache_usage", "peak KV usage", "{:.1%}"),
     ("tokens_evicted", "tokens evicted", "{:.0f}"), ("preemptions", "preemptions", "{:.0f}"),
 )

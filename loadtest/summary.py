@@ -40,7 +40,9 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 KV_ROWS = (("mean_kv_bytes", "Mean KV MiB at end (usage):"), ("mean_kv_peak_bytes", "Mean KV peak MiB (usage):"),
-           ("mean_kv_full_bytes", "Mean full-cache MiB (usage):"))
+           ("mean_kv_full_bytes", "Mean full-cache MiB (usage):"),
+           ("mean_kv_footprint_byte_steps", "Mean KV footprint MiB·steps (usage):"),
+           ("mean_kv_full_footprint_byte_steps", "Mean full footprint MiB·steps (usage):"))
 SERVER_ROWS = (("max_kv_cache_usage", "Peak KV usage (/metrics, 0-1):"),
                ("max_kv_pages_in_use", "Peak KV pages in use:"), ("max_kv_bytes_held", "Peak KV MiB held:"),
                ("max_running", "Peak running requests:"), ("max_waiting", "Peak waiting requests:"),

@@ -329,6 +329,45 @@ def test_abort_frees_pages(engine, invariance_prompts):
     assert out.finished and out.finish_reason == "abort"
 
 
+def run_alone(engine: LLMEngine, prompt: list[int], params: SamplingParams, kv_policy: dict | None = None
+              ) -> tuple[RequestOutput, int]:
+    """One request on an idle engine, so that it takes part in every step: its final output and the
+    number of steps it took."""
+    engine.add_request("alone", prompt, params, kv_policy)
+    steps, final = 0, None
+    while final is None:
+        steps += 1
+        final = next((out for out in engine.step() if out.finished), None)
+    return final, steps
+
+
+def test_kv_footprint_sums_the_bytes_held_after_each_step(engine):
+    prompt = text_prompts(engine, [1200])[0]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    chunk, page_bytes = engine.scheduler.prefill_chunk, engine.runner.pool.page_bytes
+    assert len(prompt) > 2 * chunk  # three prefill chunks, the last one short
+    # tokens in the cache after each step: the prompt chunk by chunk (the last samples the first
+    # token), then one per decode step up to the last token's, which is sampled and never computed
+    computed = [min(end, len(prompt)) for end in range(chunk, len(prompt) + chunk, chunk)]
+    computed += [len(prompt) + i for i in range(1, params.max_tokens)]
+    expected = sum(engine.scheduler.pages_for_tokens(n) * page_bytes for n in computed)
+
+    full, full_steps = run_alone(engine, prompt, params)
+    assert full_steps == len(computed)
+    assert full.kv_usage.footprint_byte_steps == full.kv_usage.full_footprint_byte_steps == expected
+
+    budget = 64
+    squeezed, steps = run_alone(engine, prompt, params, {"name": "streaming_llm", "budget": budget})
+    usage = squeezed.kv_usage
+    assert steps == full_steps and usage.full_footprint_byte_steps == expected
+    # it compresses every prefill chunk, so each step leaves about its budget behind (every step's chunk
+    # fills it): far below a full cache, and below the 512-token chunks a step holds before the policy
+    # cuts them back, which a footprint counted before the policies would add
+    budget_bytes = engine.scheduler.pages_for_tokens(budget) * page_bytes
+    assert steps * budget_bytes <= usage.footprint_byte_steps < 2 * steps * budget_bytes
+    assert usage.footprint_byte_steps < expected and usage.peak_bytes > 4 * budget_bytes
+
+
 def test_invalid_requests_name_the_field(engine):
     with pytest.raises(InvalidRequest) as e:
         engine.add_request("too-long", [1] * 100, SamplingParams(max_tokens=engine.max_model_len))

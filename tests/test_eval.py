@@ -51,7 +51,8 @@ def test_summary_rows_and_accuracy_grid_on_constructed_runs():
             ) -> PasskeyRun:
         return PasskeyRun(policy=policy, context=context, depth=depth, trial=0, prompt_tokens=context,
                           passkey="12345", answer="12345" if correct else "4", correct=correct, kv_bytes=kv_bytes,
-                          kv_peak_bytes=2 * kv_bytes, kv_full_bytes=1000, decode_tokens=10, decode_seconds=seconds)
+                          kv_peak_bytes=2 * kv_bytes, kv_full_bytes=1000, kv_footprint_byte_steps=3 * kv_bytes,
+                          kv_full_footprint_byte_steps=4000, decode_tokens=10, decode_seconds=seconds)
 
     specs = [{"name": "full"}, {"name": "h2o", "ratio": 0.5}]
     runs = [run("full", 600, 0.5, True, 1000, 1.0), run("full", 300, 0.2, True, 1000, 2.0),
@@ -61,7 +62,8 @@ def test_summary_rows_and_accuracy_grid_on_constructed_runs():
     assert [(r.policy, r.context) for r in rows] == [("full", 300), ("full", 600), ("h2o:0.5", 300)]
     full_300, full_600, h2o = rows
     assert (full_300.accuracy, full_600.accuracy, h2o.accuracy) == (2 / 3, 1.0, 0.5)
-    assert (h2o.kv_end_pct, h2o.kv_peak_pct, h2o.ratio) == (37.5, 75.0, 0.5)
+    assert (h2o.kv_end_pct, h2o.kv_peak_pct, h2o.kv_footprint_pct, h2o.ratio) == (37.5, 75.0, 28.125, 0.5)
+    assert full_300.kv_footprint_pct == 75.0
     assert full_300.decode_tok_s == 3.75  # the median of 5 and 2.5 tokens/s; the untimed run left out
     assert (full_300.kl, full_300.top1, h2o.kl, h2o.top1) == (None, None, 0.25, 0.5)
     grid = accuracy_grid(runs, "full", [300, 600], [0.2, 0.5, 0.8])

@@ -47,6 +47,7 @@ def test_open_loop_run_against_kvserve_is_consistent(server):
     assert s["request_goodput"] == pytest.approx(s["request_throughput"])  # SLOs nobody misses
     assert all(r["kv_cache"]["policy"] == "h2o" for r in result["requests"])
     assert s["mean_kv_bytes"] < s["mean_kv_full_bytes"]  # h2o 0.25 keeps less than a full cache
+    assert 0 < s["mean_kv_footprint_byte_steps"] < s["mean_kv_full_footprint_byte_steps"]
     assert s["tokens_evicted"] > 0 and s["max_kv_pages_in_use"] > 0 and "preemptions" in s
     assert len(result["timeline"]) >= 2 and result["timeline"][-1]["running"] == 0
 

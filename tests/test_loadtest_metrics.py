@@ -23,7 +23,9 @@ def recorded() -> list[RequestResult]:
     """Three completed requests and one refused; times in seconds."""
     return [
         RequestResult(0, send=0.0, status=200, ttft=0.1, latency=0.5, itl=[0.1] * 4, output_tokens=5,
-                      prompt_tokens=10, correct=True, kv_cache={"bytes": 100, "peak_bytes": 300, "full_bytes": 400}),
+                      prompt_tokens=10, correct=True, kv_cache={"bytes": 100, "peak_bytes": 300, "full_bytes": 400,
+                                                                "footprint_byte_steps": 900,
+                                                                "full_footprint_byte_steps": 1200}),
         RequestResult(1, send=0.2, status=200, ttft=0.3, latency=1.1, itl=[0.2] * 4, output_tokens=5,
                       prompt_tokens=20, correct=False, kv_cache={"bytes": 300, "peak_bytes": 500, "full_bytes": 400}),
         RequestResult(2, send=0.3, status=429, error="HTTP 429: queue full", prompt_tokens=7),
@@ -60,6 +62,8 @@ def test_summary_of_recorded_timings_matches_hand_computed_figures():
     assert s["accuracy"] == pytest.approx(0.5) and s["scored"] == 2
     assert s["max_concurrent_requests"] == 2  # request 0 ends at 0.5 s, as request 3 starts
     assert (s["mean_kv_bytes"], s["mean_kv_peak_bytes"], s["mean_kv_full_bytes"]) == (200, 400, 400)
+    # the second result's server reports no footprint: the mean is over the one that does
+    assert (s["mean_kv_footprint_byte_steps"], s["mean_kv_full_footprint_byte_steps"]) == (900, 1200)
 
 
 def test_empty_and_all_failed_runs_have_no_latencies():

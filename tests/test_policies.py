@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from kvserve.cache.thin_key import ThinKey
-from kvserve.policies.base import PolicyStep
+from kvserve.policies.base import DEFAULT_RECENT, PolicyStep
+from kvserve.policies.keydiff import keydiff_scores
 from kvserve.policies.registry import POLICIES, PolicyError, create_policy, describe_policies, parse_policy
 from kvserve.policies.think import ThinKPolicy
 
@@ -142,6 +145,52 @@ def test_tova_evicts_what_the_current_query_attends_least():
     keep = type(step.policies[0]).act(step)
     assert kept(keep) == [0, 1, 3, 4]
     assert step.scores[0, 0, 0].tolist() == pytest.approx([0.3, 0.1, 0.02, 0.4, 0.18])
+
+
+@pytest.mark.parametrize("name", ["h2o", "knorm", "tova", "streaming_llm"])
+def test_a_budget_never_evicts_the_prompts_tail_or_the_newest_tokens(name):
+    # a 10-token prompt and 6 generated tokens, decoding; the slots the next token needs most
+    # (prompt positions 8, 9; the newest 14, 15) score lowest for every scorer and sit mid-window
+    spec = {"name": name, "budget": 8, "recent": 2}
+    low = torch.tensor([0.0] * 8 + [-9, -9] + [0.0] * 4 + [-9, -9])
+    step = make_step(spec, 16, prompt_tokens=10, decode_sum=low + 9, window=low + 9, key_norms=-low,
+                     **({"positions": list(range(16))} if name == "streaming_llm" else {}))
+    step.scores.copy_(low)  # h2o's accumulated score
+    keep = kept(type(step.policies[0]).act(step))
+    assert {8, 9, 14, 15} <= set(keep) and len(keep) == 8
+
+
+def test_recent_is_at_most_half_the_budget_and_the_tail_fits_beside_it():
+    policy = create_policy(parse_policy({"name": "knorm", "budget": 40}), 1000)
+    assert (policy.recent(), policy.prompt_tail()) == (20, 20)
+    policy = create_policy(parse_policy({"name": "knorm", "ratio": 0.5}), 1000)
+    assert (policy.recent(), policy.prompt_tail()) == (DEFAULT_RECENT, DEFAULT_RECENT)
+    policy = create_policy(parse_policy({"name": "h2o", "budget": 100}), 1000)  # the paper's half the budget
+    assert (policy.recent(), policy.prompt_tail()) == (50, DEFAULT_RECENT)
+    policy = create_policy(parse_policy({"name": "streaming_llm", "budget": 20, "sinks": 4}), 1000)
+    assert policy.params.sinks + policy.recent() + policy.prompt_tail() <= 20
+
+
+def test_keydiff_scores_are_minus_the_cosine_to_the_mean_unit_key():
+    keys = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [5.0, 5.0]])
+    held = torch.tensor([True, True, True, False])
+    # the anchor: the mean of (1, 0), (0, 1), (1, 1)/sqrt(2): both coordinates (1 + 1/sqrt(2)) / 3
+    expected = [-1 / math.sqrt(2), -1 / math.sqrt(2), -1.0]
+    scores = keydiff_scores(keys, held)
+    assert scores[:3].tolist() == pytest.approx(expected, rel=1e-6) and scores[3] == float("-inf")
+
+
+def test_keydiff_evicts_the_keys_most_like_the_others_and_only_while_prefilling_by_default():
+    step = make_step({"name": "keydiff", "budget": 3, "recent": 1}, 6, new_tokens=6, prompt_tokens=6)
+    # keys near the x axis but for 1 (along y) and 2 (45 degrees below); 5, the prompt's last, is protected
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0], [1.0, 0.05], [2.0, 0.0], [1.0, 0.0]])
+    step.key_store = keys
+    step.slot = torch.arange(6).view(1, 1, 1, 6)
+    # the two keys least like the mean direction stay beside the protected one
+    assert kept(type(step.policies[0]).act(step)) == [1, 2, 5]
+    decoding = make_step({"name": "keydiff", "budget": 3}, 6, prompt_tokens=2)
+    assert type(decoding.policies[0]).act(decoding) is None
+    assert create_policy(parse_policy({"name": "keydiff", "budget": 3}), 100).tokens_bound(50, 64) == 67
 
 
 def test_registry_validates_and_describes():

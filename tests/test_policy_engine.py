@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvserve.engine.config import EngineConfig
+from kvserve.engine.errors import InvalidRequest
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_prompt
@@ -99,3 +100,74 @@ def test_teacher_forcing_reproduces_greedy_and_measures_compression(engine):
     squeezed = teacher_force(engine, ids, greedy, {"name": "streaming_llm", "budget": 16, "sinks": 4})
     kl = (full.exp() * (full - squeezed)).sum(-1)
     assert float(kl.mean()) > 1e-3  # a 16-token cache changes the distributions
+
+
+BUDGETED = [{"name": name, "ratio": 0.25} for name in ("h2o", "snapkv", "streaming_llm", "knorm", "tova", "keydiff")]
+BUDGETED += [{"name": "knorm", "budget": 40, "recent": 8}, {"name": "keydiff", "ratio": 0.25, "decode": True}]
+
+
+def test_every_budgeted_policy_keeps_the_prompts_tail_and_the_newest_tokens_in_every_head(engine):
+    """After every step, each head of each sequence still holds the prompt's last `prompt_tail()` tokens
+    and the newest `recent()` ones, while the budget evicts the rest; checked on the slots' positions
+    as the pool records them."""
+    tok = engine.tokenizer
+    prompts = [tok(passkey_prompt(tok, 240 + 24 * i, 0.5, seed=i).prompt)["input_ids"] for i in range(len(BUDGETED))]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for i, (prompt, spec) in enumerate(zip(prompts, BUDGETED)):
+        engine.add_request(f"p{i}", prompt, params, spec)
+
+    def needed(seq) -> set[int]:
+        prompt_end = min(len(seq.prompt_token_ids), seq.num_computed)
+        tail = set(range(max(0, len(seq.prompt_token_ids) - seq.policy.prompt_tail()), prompt_end))
+        return tail | set(range(max(0, seq.num_computed - seq.policy.recent()), seq.num_computed))
+
+    checked, evicted = run_checking_held(engine, needed)
+    assert checked > len(BUDGETED) * 40 and evicted > 0  # every step of every sequence, with evictions happening
+
+
+SCOPED = [{"name": "knorm", "ratio": 0.25}, {"name": "h2o", "ratio": 0.25}, {"name": "snapkv", "ratio": 0.25},
+          {"name": "kivi", "bits": 2, "group_size": 16, "residual": 16}, {"name": "corm", "window": 2, "recent": 8}]
+
+
+def test_scope_context_keeps_the_question_whole_in_every_head_under_every_policy(engine):
+    """The last 48 prompt tokens play the final user message: no policy evicts or quantizes them."""
+    tok = engine.tokenizer
+    prompts = [tok(passkey_prompt(tok, 260 + 24 * i, 0.5, seed=i).prompt)["input_ids"] for i in range(len(SCOPED))]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for i, (prompt, spec) in enumerate(zip(prompts, SCOPED)):
+        engine.add_request(f"q{i}", prompt, params, {**spec, "scope": "context"}, context_tokens=len(prompt) - 48)
+
+    def needed(seq) -> set[int]:
+        assert seq.policy.question_tokens == 48
+        return set(range(len(seq.prompt_token_ids) - 48, min(len(seq.prompt_token_ids), seq.num_computed)))
+
+    checked, evicted = run_checking_held(engine, needed)
+    assert checked > len(SCOPED) * 40 and evicted > 0
+    with pytest.raises(InvalidRequest, match="needs a chat request") as error:
+        engine.add_request("no-context", prompts[0], params, {"name": "knorm", "scope": "context"})
+    assert error.value.param == "kv_policy.scope"
+
+
+def run_checking_held(engine, needed) -> tuple[int, int]:
+    """Run the engine's requests to the end; after every step, every head of every running sequence
+    must hold, at full precision, each position of `needed(seq)`. Returns (checks, heads that had
+    dropped or moved tokens)."""
+    seqs = dict(engine.seqs)
+    table, pool = engine.runner.table, engine.runner.pool
+    checked = evicted = 0
+    while engine.has_unfinished():
+        engine.step()
+        for seq in seqs.values():
+            if seq.row is None or seq.num_computed == 0:
+                continue
+            row = torch.tensor([seq.row])
+            lengths = table.lengths[row].long()
+            slots = table.slot_index(row, int(lengths.max()))
+            held = torch.arange(slots.shape[-1]) < lengths[..., None]
+            positions = torch.where(held, pool.slot_positions[slots].long(), -1)[0]  # [L, Hkv, S]
+            wanted = torch.tensor(sorted(needed(seq)), dtype=torch.long)
+            present = (positions[..., None] == wanted).any(-2)  # [L, Hkv, len(wanted)]
+            assert bool(present.all()), f"{seq.policy.params}: a protected position left the pages"
+            evicted += int((lengths < seq.num_computed).sum())
+            checked += 1
+    return checked, evicted

@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -203,7 +204,7 @@ def test_health_models_and_policies(server: str) -> None:
     assert models["object"] == "list" and models["data"][0]["id"] == "SmolLM2-135M-Instruct"
     policies = httpx.get(f"{server}/v1/kv/policies").json()
     by_name = {p["name"]: p for p in policies["data"]}
-    assert "full" in by_name and policies["default"] == {"name": "full"}
+    assert "full" in by_name and policies["default"] == {"name": "full", "scope": "all"}
     assert by_name["full"]["schema"]["properties"]["name"]["const"] == "full"
 
 
@@ -267,3 +268,20 @@ def test_compressing_policies_report_the_bytes_they_hold(server: str) -> None:
         usage = r.json()["usage"]["kv_cache"]
         assert usage["policy"] == spec["name"]
         assert usage["bytes"] < 0.6 * usage["full_bytes"] <= 0.6 * usage["peak_bytes"], usage
+
+
+def test_scope_context_compresses_the_conversation_and_keeps_the_last_question(server: str) -> None:
+    """Through the openai client: at the same ratio, `scope: context` holds the ~90-token last user
+    message whole on top of a quarter of the conversation before it, so it ends holding more than
+    `scope: all` (a quarter of everything) and far less than a full cache."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120)
+    messages = [{"role": "system", "content": "The quick brown fox jumps over the lazy dog. " * 50},
+                {"role": "user", "content": "Name the animals in the story, then " + "repeat them, " * 40 + "please."}]
+    usage = {}
+    for scope in ("all", "context"):
+        reply = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=messages, max_tokens=4, temperature=0,
+            extra_body={"kv_policy": {"name": "knorm", "ratio": 0.25, "scope": scope}})
+        usage[scope] = reply.usage.model_extra["kv_cache"]
+    assert usage["all"]["full_bytes"] == usage["context"]["full_bytes"]
+    assert usage["all"]["bytes"] < usage["context"]["bytes"] < 0.6 * usage["context"]["full_bytes"], usage

@@ -45,6 +45,19 @@ def test_completion_greedy_content_and_usage(client: openai.OpenAI) -> None:
     assert kv["bytes"] == kv["full_bytes"] == kv["peak_bytes"] > 0
 
 
+def test_kv_footprint_sums_steps_and_samples(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, prompt=STORY, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    one = client.completions.create(**kwargs).usage.model_extra["kv_cache"]
+    # the prompt's step, then 5 decode steps, each holding at least the prompt's pages and at most the end's
+    assert 6 * one["bytes"] >= one["footprint_byte_steps"] > one["bytes"] > 0
+    assert one["footprint_byte_steps"] == one["full_footprint_byte_steps"]  # the full policy holds a full cache
+    two = client.completions.create(**kwargs, n=2).usage.model_extra["kv_cache"]
+    assert two["footprint_byte_steps"] == two["full_footprint_byte_steps"] == 2 * one["footprint_byte_steps"]
+    chunks = client.completions.create(**kwargs, n=2, stream=True, stream_options={"include_usage": True})
+    streamed = [c.usage for c in chunks if c.usage is not None][-1].model_extra["kv_cache"]
+    assert streamed["footprint_byte_steps"] == two["footprint_byte_steps"]
+
+
 def test_completion_counts_to_length_with_ignore_eos(client: openai.OpenAI) -> None:
     r = client.completions.create(model=MODEL, prompt=STORY, max_tokens=7, temperature=0,
                                   extra_body={"ignore_eos": True})

@@ -54,14 +54,16 @@ class AsyncEngine:
         return self.engine.stats()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       kv_policy: Any = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       kv_policy: Any = None, priority: int = 0, context_tokens: int | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early aborts the request."""
         if not self.is_alive():
             raise EngineDeadError("the engine loop is not running")
         out_queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = out_queue
         # validation runs in the engine thread; its error comes back through the queue
-        self._send("add", (request_id, prompt_token_ids, params, kv_policy, priority))
+        self._send("add", {"request_id": request_id, "prompt_token_ids": prompt_token_ids, "params": params,
+                           "kv_policy": kv_policy, "priority": priority, "context_tokens": context_tokens})
         finished = False
         try:
             while not finished:
@@ -110,9 +112,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id = payload[0]
+                request_id = payload["request_id"]
                 try:
-                    self.engine.add_request(*payload)
+                    self.engine.add_request(**payload)
                 except ValueError as e:
                     self._deliver(request_id, e)
             else:

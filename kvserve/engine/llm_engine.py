@@ -56,9 +56,12 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    kv_policy: Any = None, priority: int = 0, token_override: TokenOverride | None = None) -> None:
+                    kv_policy: Any = None, priority: int = 0, token_override: TokenOverride | None = None,
+                    context_tokens: int | None = None) -> None:
         """Queue a request (InvalidRequest, naming the field, when it cannot be served); a
-        `token_override` replaces each token it samples (see TokenOverride)."""
+        `token_override` replaces each token it samples (see TokenOverride). `context_tokens`: the
+        prompt's tokens before its last user message (a chat request), what a policy of scope
+        `context` may compress."""
         if request_id in self.seqs:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if priority and not self.scheduler.by_priority:
@@ -70,7 +73,10 @@ class LLMEngine:
             check_token_ids(name, ids, self.model_config.vocab_size)
         check_context_length(len(prompt_token_ids), params.max_tokens, self.max_model_len)
         policy_params = parse_policy(kv_policy, self.default_policy)
-        policy = create_policy(policy_params, len(prompt_token_ids))
+        if policy_params.scope == "context" and context_tokens is None:
+            raise InvalidRequest("kv_policy.scope: 'context' needs a chat request with a user message (the context "
+                                 "is what precedes the last one)", "kv_policy.scope")
+        policy = create_policy(policy_params, len(prompt_token_ids), context_tokens)
         bound = min(len(prompt_token_ids) + params.max_tokens,
                     policy.tokens_bound(params.max_tokens, self.scheduler.prefill_chunk))
         if self.scheduler.pages_for_tokens(bound) > self.runner.pool.capacity:
@@ -93,7 +99,7 @@ class LLMEngine:
         if seq is None:
             return None
         out = self._finish(seq, "abort")
-        self._snapshot_bytes_held()
+        self._snapshot_bytes_held(self._bytes_held_by_running())
         return out
 
     def has_unfinished(self) -> bool:
@@ -115,10 +121,14 @@ class LLMEngine:
         result = self.runner.execute(batch, self.policies.observations(batch))
         self._record_kv_peak(batch.seqs)
         self.policies.after_step(batch, result.meta)
+        # one read of the pool serves both the footprint and the gauge: the cache does not change
+        # while the outputs are processed, only finished sequences leave it
+        held = self._bytes_held_by_running()
+        self._record_kv_footprint(batch.seqs, held)
         advanced = self.processor.process(batch, result)
         outputs = [self._finish(seq) if seq.finish_reason else self.processor.output(seq) for seq in advanced]
         # after the finished sequences left: a gauge read once traffic stops must not show their bytes
-        self._snapshot_bytes_held()
+        self._snapshot_bytes_held(held)
         return outputs
 
     def _record_kv_peak(self, seqs: list[Sequence]) -> None:
@@ -126,19 +136,34 @@ class LLMEngine:
         for seq, pages in zip(seqs, self.runner.kv_pages_held([s.row for s in seqs])):
             seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
 
-    def _snapshot_bytes_held(self) -> None:
-        """Per-policy bytes held, taken in the engine thread so readers elsewhere never see a half step."""
+    def _record_kv_footprint(self, seqs: list[Sequence], held: dict[str, int]) -> None:
+        """Add this step's bytes, after the policies acted, to each batch sequence's footprint (see
+        Sequence.kv_footprint_byte_steps), and what a full cache would hold at this step to its full one."""
+        page_bytes = self.runner.pool.page_bytes
+        for seq in seqs:
+            seq.kv_footprint_byte_steps += held[seq.request_id]
+            seq.kv_full_footprint_byte_steps += self.scheduler.pages_for_tokens(seq.num_computed) * page_bytes
+
+    def _bytes_held_by_running(self) -> dict[str, int]:
+        """KV bytes each running sequence holds now, by request id."""
         running = self.scheduler.running
-        held: dict[str, int] = {}
-        for seq, pages in zip(running, self.runner.kv_pages_held([s.row for s in running]) if running else []):
-            held[seq.policy_params.name] = held.get(seq.policy_params.name, 0) + pages * self.runner.pool.page_bytes
-        self._bytes_held = held
+        pages = self.runner.kv_pages_held([s.row for s in running]) if running else []
+        return {seq.request_id: n * self.runner.pool.page_bytes for seq, n in zip(running, pages)}
+
+    def _snapshot_bytes_held(self, held: dict[str, int]) -> None:
+        """Per-policy bytes the running sequences hold (`held`, by request id), taken in the engine
+        thread so readers elsewhere never see a half step."""
+        by_policy: dict[str, int] = {}
+        for seq in self.scheduler.running:
+            by_policy[seq.policy_params.name] = by_policy.get(seq.policy_params.name, 0) + held[seq.request_id]
+        self._bytes_held = by_policy
 
     def _kv_usage(self, seq: Sequence) -> KVUsage:
         runner = self.runner
         held = runner.kv_pages_held([seq.row])[0] if seq.row is not None else 0
         full = self.scheduler.pages_for_tokens(seq.num_computed) * runner.pool.page_bytes
-        return KVUsage(seq.policy_params.name, held * runner.pool.page_bytes, full, seq.kv_bytes_peak)
+        return KVUsage(seq.policy_params.name, held * runner.pool.page_bytes, full, seq.kv_bytes_peak,
+                       seq.kv_footprint_byte_steps, seq.kv_full_footprint_byte_steps)
 
     def _finish(self, seq: Sequence, reason: str | None = None) -> RequestOutput:
         """Retire a sequence; `reason` sets its finish_reason (else it was set already)."""

@@ -16,12 +16,16 @@ class TokenLogprob:
 
 @dataclass
 class KVUsage:
-    """Bytes of KV cache a request held: now, at its peak, and what a full fp cache would hold."""
+    """Bytes of KV cache a request held: now, at its peak, and what a full fp cache would hold; and its
+    footprint, the bytes held summed over its steps (Sequence.kv_footprint_byte_steps), with a full
+    cache's footprint over the same steps."""
 
     policy: str
     bytes: int
     full_bytes: int
     peak_bytes: int
+    footprint_byte_steps: int
+    full_footprint_byte_steps: int
 
 
 @dataclass

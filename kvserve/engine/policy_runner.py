@@ -14,7 +14,7 @@ from kvserve.cache.page_table import PageTable
 from kvserve.cache.tier import TierSet
 from kvserve.engine.model_runner import Observations
 from kvserve.engine.scheduler import ScheduledBatch
-from kvserve.policies.base import Policy, PolicyStep, Transfer
+from kvserve.policies.base import Policy, PolicyStep, Transfer, oldest
 
 
 class PolicyRunner:
@@ -85,21 +85,39 @@ class PolicyRunner:
         pool.slot_scores[slot[held]] = step.scores[held]
         pool.slot_aux[slot[held]] = step.aux[held]
         keep = held.clone() if keep is None else keep
+        question = self._question(step)
+        if question is not None:
+            keep |= question
         dropped = int((held & ~keep).sum())
         for key, transfer in step.transfers.items():
-            keep &= ~self._transfer(key, transfer, rows, keep, slot, positions)
+            movable = keep if question is None else keep & ~question
+            keep &= ~self._transfer(key, transfer, rows, movable, slot, positions, question is not None)
         if bool((held & ~keep).any()):
             table.evict(rows, keep)
         self.tokens_evicted[cls.name] += dropped
 
-    def _transfer(self, key: object, transfer: Transfer, rows: torch.Tensor, keep: torch.Tensor, slot: torch.Tensor,
-                  positions: torch.Tensor) -> torch.Tensor:
-        """Copy the kept slots of `transfer.mask` into the tier, oldest first; return the slots moved.
+    @staticmethod
+    def _question(step: PolicyStep) -> torch.Tensor | None:
+        """The held slots out of every policy's reach (scope `context`: the prompt after its context),
+        or None when no sequence of the step has any."""
+        if not any(p.question_tokens for p in step.policies):
+            return None
+        start = step.per_row([p.context_tokens for p in step.policies])
+        end = step.per_row([p.prompt_tokens for p in step.policies])
+        return step.held & (step.positions >= start) & (step.positions < end)
+
+    def _transfer(self, key: object, transfer: Transfer, rows: torch.Tensor, movable: torch.Tensor,
+                  slot: torch.Tensor, positions: torch.Tensor, trimmed: bool) -> torch.Tensor:
+        """Copy the `movable` slots of `transfer.mask` into the tier, oldest first; return the slots moved.
+        `trimmed`: slots were taken out of the policy's mask, so each head's count is cut down to a
+        whole number of the tier's units again (the oldest go).
 
         When the pool cannot take them all at once (the pages the move frees come back only after
         it), they go one (sequence, layer) at a time while pages last; the rest stay at full
         precision and move on a later step, once this step's moves have freed their pages."""
-        mask = transfer.mask & keep
+        mask = transfer.mask & movable
+        if trimmed and bool(mask.any()) and (unit := self.tiers.get(key).unit) > 1:
+            mask = oldest(positions, mask, mask.sum(-1) // unit * unit)
         moved = torch.zeros_like(mask)
         counts = mask.sum(-1)
         active = torch.nonzero(counts.flatten(1).any(-1))[:, 0]

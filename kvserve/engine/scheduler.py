@@ -157,7 +157,7 @@ class Scheduler:
         seq.row = None
         seq.num_computed = 0
         # the recompute starts from a fresh policy: state such as ThinK's channels is chosen again
-        seq.policy = type(seq.policy)(seq.policy_params, seq.policy.prompt_tokens)
+        seq.policy = type(seq.policy)(seq.policy_params, seq.policy.prompt_tokens, seq.policy.context_tokens)
         seq.status = Status.WAITING
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1

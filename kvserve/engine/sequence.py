@@ -52,6 +52,15 @@ class Sequence:
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
     kv_bytes_peak: int = 0
+    # The KV footprint ("Cache Me If You Can", Bhaskar et al. 2025), in byte-steps: the sum, over the
+    # engine steps this sequence took part in, of the KV bytes it held after that step's policies acted,
+    # i.e. what the step leaves in the pool for the next one. The transient high inside a step, before
+    # the policies cut its new tokens back, is the peak's business; counting the bytes that persist is
+    # what separates a policy that compresses while prefilling from one that compresses only at the end.
+    # Steps it sat out (skipped for the token budget, or waiting) add nothing; recomputation after a
+    # preemption adds its steps again, since it holds pages again.
+    kv_footprint_byte_steps: int = 0
+    kv_full_footprint_byte_steps: int = 0  # the same sum for a full cache over the same steps
     emitted_tokens: int = 0  # output tokens already handed to the caller
     token_override: TokenOverride | None = None
 

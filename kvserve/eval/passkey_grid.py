@@ -40,6 +40,8 @@ class PasskeyRun:
     kv_bytes: int | None  # at the end of the request
     kv_peak_bytes: int | None
     kv_full_bytes: int | None  # what an uncompressed cache would have held
+    kv_footprint_byte_steps: int | None  # bytes held summed over the request's steps (engine KVUsage)
+    kv_full_footprint_byte_steps: int | None  # the same sum for an uncompressed cache
     decode_tokens: int  # tokens generated after the first one
     decode_seconds: float | None  # the time those took; None where not measured (remote)
 
@@ -91,5 +93,6 @@ def _run_one(engine: LLMEngine, cell: GridCase, spec: dict[str, Any], params: Sa
         policy=policy_label(spec), context=cell.context, depth=cell.depth, trial=cell.trial,
         prompt_tokens=len(cell.prompt_ids), passkey=cell.case.passkey, answer=answer,
         correct=passkey_correct(cell.case, answer), kv_bytes=usage.bytes, kv_peak_bytes=usage.peak_bytes,
-        kv_full_bytes=usage.full_bytes, decode_tokens=len(tokens) - 1,
+        kv_full_bytes=usage.full_bytes, kv_footprint_byte_steps=usage.footprint_byte_steps,
+        kv_full_footprint_byte_steps=usage.full_footprint_byte_steps, decode_tokens=len(tokens) - 1,
         decode_seconds=metrics.finished_time - metrics.first_token_time)

@@ -36,6 +36,8 @@ def run_passkey_remote(url: str, cases: list[GridCase], specs: list[dict[str, An
                 prompt_tokens=usage["prompt_tokens"], passkey=cell.case.passkey, answer=answer,
                 correct=passkey_correct(cell.case, answer), kv_bytes=kv.get("bytes"),
                 kv_peak_bytes=kv.get("peak_bytes"), kv_full_bytes=kv.get("full_bytes"),
+                kv_footprint_byte_steps=kv.get("footprint_byte_steps"),
+                kv_full_footprint_byte_steps=kv.get("full_footprint_byte_steps"),
                 decode_tokens=usage["completion_tokens"] - 1, decode_seconds=None)
 
         return run_grid(cases, specs, run_one)

@@ -19,6 +19,10 @@ class SummaryRow:
     accuracy: float
     kv_end_pct: float | None  # mean over runs of bytes held at the end / a full cache's bytes, in %
     kv_peak_pct: float | None
+    # mean over runs of the footprint (bytes held summed over the request's steps) / a full cache's over
+    # the same steps, in %: a percentage, not MiB·steps, so that contexts and models of different sizes
+    # compare, and the same steps on both sides, so that it measures what the policy kept and when
+    kv_footprint_pct: float | None
     kl: float | None  # logit fidelity (the same for every context: it has its own context length)
     top1: float | None
     decode_tok_s: float | None  # median over the runs of one request's decode rate (batch 1)
@@ -39,6 +43,8 @@ def summarize(specs: list[dict[str, Any]], runs: list[PasskeyRun], fidelity: dic
                 accuracy=sum(r.correct for r in cell) / len(cell),
                 kv_end_pct=_mean_pct([(r.kv_bytes, r.kv_full_bytes) for r in cell]),
                 kv_peak_pct=_mean_pct([(r.kv_peak_bytes, r.kv_full_bytes) for r in cell]),
+                kv_footprint_pct=_mean_pct([(r.kv_footprint_byte_steps, r.kv_full_footprint_byte_steps)
+                                            for r in cell]),
                 kl=fid.kl if fid else None, top1=fid.top1 if fid else None,
                 # the median run: one request slowed by a neighbour on a shared machine does not move it
                 decode_tok_s=(statistics.median(r.decode_tokens / r.decode_seconds for r in timed)
@@ -82,7 +88,7 @@ def _cell(value: Any) -> str:
 def summary_table(rows: list[SummaryRow], fidelity_context: int | None) -> str:
     kl_header = f"KL @{fidelity_context}" if fidelity_context else "KL"
     top1_header = f"top-1 @{fidelity_context}" if fidelity_context else "top-1"
-    headers = ["policy", "ratio", "context", "passkey acc", "KV end % of full", "KV peak % of full", kl_header,
-               top1_header, "decode tok/s"]
-    return markdown_table(headers, [[r.policy, r.ratio, r.context, r.accuracy, r.kv_end_pct, r.kv_peak_pct, r.kl,
-                                     r.top1, r.decode_tok_s] for r in rows])
+    headers = ["policy", "ratio", "context", "passkey acc", "KV end % of full", "KV peak % of full",
+               "KV footprint % of full", kl_header, top1_header, "decode tok/s"]
+    return markdown_table(headers, [[r.policy, r.ratio, r.context, r.accuracy, r.kv_end_pct, r.kv_peak_pct,
+                                     r.kv_footprint_pct, r.kl, r.top1, r.decode_tok_s] for r in rows])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -34,13 +34,22 @@ class PolicyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    scope: Literal["all", "context"] = Field(
+        default="all", description="context: compress only what precedes the last user message of a chat request, "
+                                   "keeping the final question whole")
+
+
+DEFAULT_RECENT = 32  # tokens: a question's last sentence, or an answer's opening, in the default model's tokenizer
 
 
 class BudgetParams(PolicyParams):
-    """A per-head token budget, absolute (`budget`) or as a fraction of the prompt (`ratio`)."""
+    """A per-head token budget, absolute (`budget`) or as a fraction of the prompt (`ratio`), and the
+    `recent` tokens no budget evicts: the prompt's last ones and the newest ones."""
 
     budget: int | None = Field(default=None, ge=1, description="tokens kept per KV head")
     ratio: float | None = Field(default=None, gt=0, le=1, description="fraction of the prompt kept per KV head")
+    recent: int | None = Field(default=None, ge=0, description=f"the prompt's last and the newest tokens never "
+                               f"evicted (default {DEFAULT_RECENT}; at most half the budget)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> BudgetParams:
@@ -114,9 +123,17 @@ class Policy:
     needs_decode_scores: ClassVar[bool] = False
     needs_key_norms: ClassVar[bool] = False
 
-    def __init__(self, params: PolicyParams, prompt_tokens: int) -> None:
+    def __init__(self, params: PolicyParams, prompt_tokens: int, context_tokens: int | None = None) -> None:
+        """`context_tokens`: with scope `context`, the prompt's tokens before its last user message,
+        the only ones it may compress (the runner keeps the rest, `question_tokens`, whole)."""
         self.params = params
         self.prompt_tokens = prompt_tokens
+        self.context_tokens = prompt_tokens if params.scope == "all" or context_tokens is None else context_tokens
+
+    @property
+    def question_tokens(self) -> int:
+        """The prompt's last tokens out of this policy's reach (scope `context`; 0 otherwise)."""
+        return self.prompt_tokens - self.context_tokens
 
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         """Most tokens one head of this sequence will ever hold at once."""
@@ -138,15 +155,44 @@ class Policy:
 
 
 class BudgetPolicy(Policy):
-    """A policy that cuts every head back to `budget()` tokens after each chunk and decode step."""
+    """A policy that cuts every head back to `budget()` tokens after each chunk and decode step.
+
+    Whatever it scores, it never evicts what the next token needs most (`protected_recent`): the
+    prompt's last `prompt_tail()` tokens (the question, the answer's prefix) and the newest
+    `recent()` tokens (the answer so far); the two together fit in the budget."""
 
     params: BudgetParams
 
+    def context_budget(self) -> int:
+        """Tokens kept per head of what the policy may compress (`ratio` is of those)."""
+        return self.params.budget_for(self.context_tokens)
+
     def budget(self) -> int:
-        return self.params.budget_for(self.prompt_tokens)
+        return self.context_budget() + self.question_tokens
+
+    def recent(self) -> int:
+        """Newest tokens never evicted."""
+        recent = self.params.recent if self.params.recent is not None else DEFAULT_RECENT
+        return min(recent, self.context_budget() // 2)
+
+    def prompt_tail(self) -> int:
+        """The prompt's last tokens never evicted, whatever has been generated since: the question
+        out of reach (scope `context`), and up to `recent` before it."""
+        return self.question_tokens + min(self.recent(), self.context_budget() - self.recent())
 
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
+
+
+def protected_recent(step: PolicyStep) -> torch.Tensor:
+    """[n, L, Hkv, S] bool: the held slots of each sequence's prompt tail and newest tokens (the
+    `BudgetPolicy` guarantee); `step.policies` are BudgetPolicies."""
+    prompt_end = step.per_row([p.prompt_tokens for p in step.policies])
+    tail = step.per_row([p.prompt_tail() for p in step.policies])
+    recent = step.per_row([p.recent() for p in step.policies])
+    positions, newest = step.positions, step.newest_position[:, None, None, None]
+    in_tail = (positions >= prompt_end - tail) & (positions < prompt_end)
+    return step.held & (in_tail | (positions > newest - recent))
 
 
 def keep_top(scores: torch.Tensor, held: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:

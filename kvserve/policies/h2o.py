@@ -7,6 +7,8 @@ KV group and over every query that saw it (a raw sum as in the paper's real-drop
 Prefill chunks add the column sums of all their queries and the cache is cut back to the budget
 after each chunk, so a long prompt's peak is budget + chunk. During decode it is one in, one out
 per head: the lowest-scoring token outside the recent window gives its slot to the new token.
+`recent` defaults to the paper's half of the budget; the prompt's tail kept beside it is the
+shared default's (`DEFAULT_RECENT`), within what the budget leaves.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top
+from kvserve.policies.base import DEFAULT_RECENT, BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -33,7 +35,11 @@ class H2OPolicy(BudgetPolicy):
     needs_decode_scores = True
 
     def recent(self) -> int:
-        return self.params.recent if self.params.recent is not None else self.budget() // 2
+        budget = self.context_budget()
+        return min(self.params.recent, budget) if self.params.recent is not None else budget // 2
+
+    def prompt_tail(self) -> int:
+        return self.question_tokens + min(DEFAULT_RECENT, self.context_budget() - self.recent())
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return chunk_tokens
@@ -52,7 +58,5 @@ class H2OPolicy(BudgetPolicy):
         step.aux *= step.held
         normalize = step.per_row([p.params.normalize for p in step.policies])
         ranking = torch.where(normalize, step.scores / step.aux.clamp(min=1), step.scores)
-        recent = step.per_row([p.recent() for p in step.policies])
-        protected = step.positions > step.newest_position[:, None, None, None] - recent
         budget = step.per_row([p.budget() for p in step.policies])[..., 0]
-        return keep_top(ranking, step.held, protected, budget)
+        return keep_top(ranking, step.held, protected_recent(step), budget)

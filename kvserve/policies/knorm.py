@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -28,4 +28,4 @@ class KnormPolicy(BudgetPolicy):
         fresh = ~torch.isnan(step.key_norms)
         step.scores.copy_(torch.where(fresh, -step.key_norms, step.scores))
         budget = step.per_row([p.budget() for p in step.policies])[..., 0]
-        return keep_top(step.scores, step.held, torch.zeros_like(step.held), budget)
+        return keep_top(step.scores, step.held, protected_recent(step), budget)

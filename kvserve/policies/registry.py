@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from kvserve.policies.base import Policy, PolicyParams
 from kvserve.registry import Registry
 
-_BUILTINS = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova", "kivi", "think", "tailorkv")
+_BUILTINS = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova", "kivi", "think", "tailorkv", "keydiff")
 POLICIES: Registry[type[Policy]] = Registry("kv_policy", tuple(f"kvserve.policies.{name}" for name in _BUILTINS))
 register = POLICIES.register
 
@@ -53,8 +53,8 @@ def parse_policy(spec: str | dict[str, Any] | PolicyParams | None, default: Poli
         raise PolicyError(f"{param}: {message}", param) from None
 
 
-def create_policy(params: PolicyParams, prompt_tokens: int) -> Policy:
-    return POLICIES[params.name](params, prompt_tokens)
+def create_policy(params: PolicyParams, prompt_tokens: int, context_tokens: int | None = None) -> Policy:
+    return POLICIES[params.name](params, prompt_tokens, context_tokens)
 
 
 def describe_policies() -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """SnapKV (Li et al., 2024): once the whole prompt is in the cache, the last `window` prompt
 queries vote for the earlier tokens; their summed attention (over the window and the query heads
 of a group), pooled over neighbouring positions, picks `budget - window` tokens to keep beside the
-window itself. Prefill only: generated tokens are appended and never evicted.
+window itself, and the prompt's last `recent` tokens like every budgeted policy (the window
+already covers them at its default). Prefill only: generated tokens are appended and never evicted.
 
 The window is read from the prompt's last chunk, so it spans at most that chunk."""
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, Policy, PolicyStep, keep_top
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -25,12 +26,12 @@ class SnapKVParams(BudgetParams):
 
 
 @register
-class SnapKVPolicy(Policy):
+class SnapKVPolicy(BudgetPolicy):
     name = "snapkv"
     Params = SnapKVParams
 
-    def budget(self) -> int:
-        return max(self.params.budget_for(self.prompt_tokens), self.params.window)
+    def context_budget(self) -> int:
+        return max(self.params.budget_for(self.context_tokens), self.params.window)
 
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         return self.prompt_tokens + max_new_tokens  # the whole prompt is held before it is compressed
@@ -65,6 +66,7 @@ class SnapKVPolicy(Policy):
                   else F.avg_pool1d(flat, kernel, 1, pad, count_include_pad=False))
         pooled = torch.empty_like(votes).scatter_(-1, order, pooled[..., : shape[-1]].reshape(shape))
         window = step.per_row([step.policies[i].params.window for i in rows.tolist()])
-        protected = positions > step.newest_position[rows][:, None, None, None] - window
+        in_window = positions > step.newest_position[rows][:, None, None, None] - window
+        protected = protected_recent(step)[rows] | in_window
         budget = step.per_row([step.policies[i].budget() for i in rows.tolist()])[..., 0]
         return keep_top(pooled, held, protected, budget)

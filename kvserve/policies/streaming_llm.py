@@ -1,6 +1,8 @@
 """StreamingLLM (Xiao et al., 2024): the first `sinks` tokens (attention sinks) plus a window of
-the most recent ones, `budget` tokens per head in all. Positions are kept as they were (keys are
-cached after RoPE), which is kvpress's reading; no re-rotation."""
+the most recent ones, `budget` tokens per head in all; the window leaves room for the prompt's last
+`recent` tokens, kept like every budgeted policy's (the question outlives a long answer).
+Positions are kept as they were (keys are cached after RoPE), which is kvpress's reading; no
+re-rotation."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep
+from kvserve.policies.base import DEFAULT_RECENT, BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -23,12 +25,20 @@ class StreamingLLMPolicy(BudgetPolicy):
     name = "streaming_llm"
     Params = StreamingLLMParams
 
-    def budget(self) -> int:
-        return max(self.params.budget_for(self.prompt_tokens), self.params.sinks + 1)
+    def context_budget(self) -> int:
+        return max(self.params.budget_for(self.context_tokens), self.params.sinks + 1)
+
+    def recent(self) -> int:
+        recent = self.params.recent if self.params.recent is not None else DEFAULT_RECENT
+        return min(recent, (self.context_budget() - self.params.sinks) // 2)
+
+    def prompt_tail(self) -> int:
+        return self.question_tokens + min(self.recent(), self.context_budget() - self.params.sinks - self.recent())
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor:
+        # the rest of the budget goes to the newest tokens: rank by position
         sinks = step.per_row([p.params.sinks for p in step.policies])
-        window = step.per_row([p.budget() - p.params.sinks for p in step.policies])
-        newest = step.newest_position[:, None, None, None]
-        return step.held & ((step.positions < sinks) | (step.positions > newest - window))
+        protected = (step.held & (step.positions < sinks)) | protected_recent(step)
+        budget = step.per_row([p.budget() for p in step.policies])[..., 0]
+        return keep_top(step.positions.float(), step.held, protected, budget)

@@ -67,8 +67,8 @@ class TailorKVPolicy(Policy):
     name = "tailorkv"
     Params = TailorKVParams
 
-    def __init__(self, params: TailorKVParams, prompt_tokens: int) -> None:
-        super().__init__(params, prompt_tokens)
+    def __init__(self, params: TailorKVParams, prompt_tokens: int, context_tokens: int | None = None) -> None:
+        super().__init__(params, prompt_tokens, context_tokens)
         self.quantized: torch.Tensor | None = None  # [L] bool, set when the prompt completes
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:

@@ -68,11 +68,11 @@ class ThinKPolicy(Policy):
     Params = ThinKParams
     needs_key_norms = True  # for a knorm base
 
-    def __init__(self, params: ThinKParams, prompt_tokens: int) -> None:
-        super().__init__(params, prompt_tokens)
+    def __init__(self, params: ThinKParams, prompt_tokens: int, context_tokens: int | None = None) -> None:
+        super().__init__(params, prompt_tokens, context_tokens)
         from kvserve.policies.registry import create_policy
 
-        self.base = create_policy(params._base, prompt_tokens) if params._base is not None else None
+        self.base = None if params._base is None else create_policy(params._base, prompt_tokens, self.context_tokens)
         self.channels: torch.Tensor | None = None  # [L, Hkv, n_keep], chosen when the prompt completes
 
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -35,4 +35,4 @@ class TOVAPolicy(BudgetPolicy):
             current = torch.where(decoding, current, step.window)
         step.scores.copy_(current / step.group_size)
         budget = step.per_row([p.budget() for p in step.policies])[..., 0]
-        return keep_top(step.scores, step.held, torch.zeros_like(step.held), budget)
+        return keep_top(step.scores, step.held, protected_recent(step), budget)

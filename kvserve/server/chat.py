@@ -60,6 +60,20 @@ class ChatCompletions(Endpoint):
         return [render_messages(self.state.engine.tokenizer, req.messages, req.add_generation_prompt,
                                 req.continue_final_message, req.chat_template_kwargs, req.add_special_tokens)]
 
+    def context_tokens(self, req: ChatCompletionRequest, prompts: list[list[int]]) -> list[int] | None:
+        """The tokens of the messages before the last user message, when the full prompt begins with
+        them as rendered alone (chat templates render a conversation's prefix as its own prefix)."""
+        last_user = max((i for i, m in enumerate(req.messages) if m.role == "user"), default=None)
+        if last_user is None:
+            return None
+        before = render_messages(self.state.engine.tokenizer, req.messages[:last_user], False, False,
+                                 req.chat_template_kwargs, req.add_special_tokens) if last_user else []
+        if prompts[0][:len(before)] != before:
+            raise APIError(400, "kv_policy.scope: the chat template does not render the conversation before the "
+                                "last user message as a prefix of the prompt, so 'context' cannot be split off",
+                           "kv_policy.scope")
+        return [len(before)]
+
     def echo(self, req: ChatCompletionRequest, prompts: list[list[int]]) -> list[str] | None:
         return None if req.echoed_message is None else [req.echoed_message]
 

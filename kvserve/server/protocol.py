@@ -276,10 +276,15 @@ def _extra(default: Any = None) -> Any:
 
 
 class KVCacheUsage(BaseModel):
+    """kvserve's KV cache bytes for a request (engine KVUsage, summed over its samples); the footprints
+    are in byte-steps: bytes held summed over the engine steps (engine Sequence.kv_footprint_byte_steps)."""
+
     policy: str
     bytes: int
     full_bytes: int
     peak_bytes: int
+    footprint_byte_steps: int
+    full_footprint_byte_steps: int
 
 
 class Usage(BaseModel):

@@ -73,6 +73,11 @@ class Endpoint(ABC):
         """Each prompt's text the response starts with (`echo`); None when it repeats nothing."""
         return None
 
+    def context_tokens(self, req: Any, prompts: list[list[int]]) -> list[int] | None:
+        """Per prompt, its tokens before the last user message: what a policy of scope `context` may
+        compress (None: the request has no such structure, and the engine refuses that scope)."""
+        return None
+
     def prompt_logprobs(self, req: Any, echo: list[str] | None) -> int | None:
         """Alternatives per prompt token to score the prompt with (None: not scored)."""
         return req.prompt_logprobs
@@ -133,9 +138,13 @@ class Endpoint(ABC):
         state = self.state
         state.check_model(req.model)
         try:  # the engine's own rules (token ids, context length, sampling ranges): a 400 naming the field
+            policy = req.policy or state.default_policy
             prompts = self.prompt_token_ids(req)
+            context = self.context_tokens(req, prompts) if policy.scope == "context" else None
             if req.truncate_prompt_tokens is not None:  # the last k tokens, as vLLM keeps them
                 keep = state.engine.max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+                if context is not None:
+                    context = [max(0, c - max(0, len(ids) - keep)) for c, ids in zip(context, prompts)]
                 prompts = [ids[-keep:] for ids in prompts]
             echo = self.echo(req, prompts)
             logprobs = self.num_logprobs(req)
@@ -151,8 +160,8 @@ class Endpoint(ABC):
                 prompt_logprobs=self.prompt_logprobs(req, echo))
         except ValueError as e:
             raise invalid_request(e) from None
-        return Generation(state.engine, state.admission, state.metrics, request_id, prompts, params, req.n,
-                          req.policy or state.default_policy, echo, req.priority)
+        return Generation(state.engine, state.admission, state.metrics, request_id, prompts, params, req.n, policy,
+                          echo, req.priority, context)
 
     def check_context(self, prompts: list[list[int]], max_tokens: int, prompt_param: str, max_param: str) -> None:
         """The engine's context-length rule for each prompt, naming this endpoint's fields."""
@@ -263,7 +272,9 @@ def usage(gen: Generation) -> Usage:
     kv_cache = None
     if kv:
         kv_cache = KVCacheUsage(policy=gen.policy.name, bytes=sum(u.bytes for u in kv),
-                                full_bytes=sum(u.full_bytes for u in kv), peak_bytes=sum(u.peak_bytes for u in kv))
+                                full_bytes=sum(u.full_bytes for u in kv), peak_bytes=sum(u.peak_bytes for u in kv),
+                                footprint_byte_steps=sum(u.footprint_byte_steps for u in kv),
+                                full_footprint_byte_steps=sum(u.full_footprint_byte_steps for u in kv))
     return Usage.of(gen.prompt_tokens, gen.completion_tokens, kv_cache)
 
 
