@@ -40,15 +40,12 @@ def import_graph() -> dict[str, set[str]]:
     known = modules()
     graph: dict[str, set[str]] = {name: set() for name in known}
     for name, path in known.items():
-        is_package = path.name == "__init__.py"
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
+                assert not node.level, f"{path}: the project imports absolutely"
                 base = node.module or ""
-                if node.level:  # relative: from the module's package
-                    anchor = name.split(".")[:len(name.split(".")) - node.level + is_package]
-                    base = ".".join(anchor + ([base] if base else []))
                 # `from package import module` imports the module; `from module import name` the module
                 targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
             else:

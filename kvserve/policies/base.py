@@ -170,15 +170,19 @@ class BudgetPolicy(Policy):
     def budget(self) -> int:
         return self.context_budget() + self.question_tokens
 
+    def reserved(self) -> int:
+        """Tokens of the context budget the policy keeps for a purpose of its own (e.g. sinks)."""
+        return 0
+
     def recent(self) -> int:
-        """Newest tokens never evicted."""
+        """Newest tokens never evicted: `recent`, within half of what the reserve leaves of the budget."""
         recent = self.params.recent if self.params.recent is not None else DEFAULT_RECENT
-        return min(recent, self.context_budget() // 2)
+        return min(recent, (self.context_budget() - self.reserved()) // 2)
 
     def prompt_tail(self) -> int:
         """The prompt's last tokens never evicted, whatever has been generated since: the question
-        out of reach (scope `context`), and up to `recent` before it."""
-        return self.question_tokens + min(self.recent(), self.context_budget() - self.recent())
+        out of reach (scope `context`), and `recent()` before it (which fits: at most half the room)."""
+        return self.question_tokens + self.recent()
 
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)

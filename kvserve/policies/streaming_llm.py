@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvserve.policies.base import DEFAULT_RECENT, BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -28,12 +28,8 @@ class StreamingLLMPolicy(BudgetPolicy):
     def context_budget(self) -> int:
         return max(self.params.budget_for(self.context_tokens), self.params.sinks + 1)
 
-    def recent(self) -> int:
-        recent = self.params.recent if self.params.recent is not None else DEFAULT_RECENT
-        return min(recent, (self.context_budget() - self.params.sinks) // 2)
-
-    def prompt_tail(self) -> int:
-        return self.question_tokens + min(self.recent(), self.context_budget() - self.params.sinks - self.recent())
+    def reserved(self) -> int:
+        return self.params.sinks
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor:
