@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-avx2 lint bench install
+.PHONY: serve test test-avx2 lint bench install kvpress-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,3 +28,16 @@ test-avx2: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m kvserve bench engine $(ARGS)
+
+# NVIDIA kvpress in a venv of its own (it pins transformers<5.3, kvserve runs 5.x): the peer of
+# `kvserve eval --peer kvpress` (kvserve/eval/kvpress_peer.py)
+KVPRESS_VENV ?= .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.installed
+
+$(KVPRESS_STAMP):
+	test -x $(KVPRESS_VENV)/bin/python || python3 -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(KVPRESS_VENV)/bin/python -m pip install -q kvpress==0.5.5
+	touch $(KVPRESS_STAMP)
+
+kvpress-venv: $(KVPRESS_STAMP)

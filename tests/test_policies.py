@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from kvserve.cache.thin_key import ThinKey
-from kvserve.policies.base import DEFAULT_RECENT, PolicyStep
+from kvserve.kernels.window_queries import window_queries
+from kvserve.policies.base import DEFAULT_RECENT, PolicyStep, adaptive_budgets, keep_top, protected_recent
+from kvserve.policies.corm import minor_for_all
 from kvserve.policies.keydiff import keydiff_scores
 from kvserve.policies.registry import POLICIES, PolicyError, create_policy, describe_policies, parse_policy
 from kvserve.policies.think import ThinKPolicy
@@ -31,7 +34,7 @@ def make_step(spec: dict, slots: int, *, heads: int = 1, new_tokens: int = 1, de
         held=torch.ones(shape, dtype=torch.bool),
         positions=(torch.arange(slots) if positions is None else torch.tensor(positions)).expand(shape).clone(),
         scores=torch.zeros(shape), aux=torch.zeros(shape), key_norms=full(key_norms), decode_sum=full(decode_sum),
-        decode_max=full(decode_max), window=full(window), query_energy=None, group_size=group_size,
+        decode_max=full(decode_max), window=full(window), queries=None, group_size=group_size,
         slot=torch.zeros(shape, dtype=torch.long), key_store=torch.zeros(1, 4))
 
 
@@ -70,6 +73,29 @@ def test_h2o_normalize_divides_by_observing_queries():
     assert kept(keep) == [2, 3]  # 0.45 and 0.5 beat 0.4 and 0.4
 
 
+def test_h2o_window_counts_only_the_chunks_last_queries():
+    # a prefill chunk of 4 observed in its last 2 queries (positions 2, 3): slot j is seen by 2 of them
+    # for j <= 2 and by 1 for j = 3; the normalised scores 0.4, 0.3, 0.45, 0.5 keep slots 2 and 3
+    step = make_step({"name": "h2o", "budget": 2, "recent": 0, "normalize": True, "window": 2}, 4, new_tokens=4,
+                     prompt_done=False, window=[0.8, 0.6, 0.9, 0.5])
+    assert step.policies[0].prefill_window(4, False) == 2
+    keep = type(step.policies[0]).act(step)
+    assert step.aux[0, 0, 0].tolist() == [2, 2, 2, 1]
+    assert kept(keep) == [2, 3]
+
+
+def test_h2o_kernel_ranks_by_the_score_pooled_over_neighbours():
+    # 8 slots, budget 3: alone, the best three are 0, 4 and 7; pooled over 3 neighbours, slot 3's and
+    # slot 5's 0.9 (from slot 4) beat slot 0's and slot 7's 0.5, keeping the neighbourhood of slot 4
+    scores = [0.5, 0.1, 0.0, 0.2, 0.9, 0.1, 0.0, 0.5]
+    alone = make_step({"name": "h2o", "budget": 3, "recent": 0}, 8, decode_sum=scores)
+    assert kept(type(alone.policies[0]).act(alone)) == [0, 4, 7]
+    pooled = make_step({"name": "h2o", "budget": 3, "recent": 0, "kernel": 3}, 8, decode_sum=scores)
+    assert kept(type(pooled.policies[0]).act(pooled)) == [3, 4, 5]
+    with pytest.raises(PolicyError, match="odd"):
+        parse_policy({"name": "h2o", "kernel": 4})
+
+
 def test_corm_evicts_only_after_window_minor_steps_and_never_recent():
     spec = {"name": "corm", "window": 3, "recent": 2}
     # 6 keys at step t = 6: threshold 1/6. Slot 1 and slot 5 are always minor; slot 5 is recent
@@ -96,6 +122,46 @@ def test_corm_threshold_uses_the_query_position():
     step = make_step({"name": "corm", "window": 1, "recent": 0}, 4, decode_max=[0.09, 0.11, 0.5, 0.3],
                      positions=[0, 3, 7, 9])
     assert kept(type(step.policies[0]).act(step)) == [1, 2, 3]
+
+
+def test_corm_minor_for_all_queries_on_hand_computed_probabilities():
+    # one KV head of 2 query heads, 1 channel, scale 1; keys 0, -ln 4, ln 2 at positions 0, 1, 2
+    keys = torch.tensor([[0.0], [-math.log(4)], [math.log(2)]])
+    key_positions, held = torch.arange(3), torch.ones(3, dtype=torch.bool)
+    # the query at position 2 (threshold 1/3): head 0 (q = 1) gives 1/3.25, 0.25/3.25, 2/3.25;
+    # head 1 (q = -1) gives 1/5.5, 4/5.5, 0.5/5.5; the group max is below 1/3 for key 0 alone
+    last = torch.tensor([[1.0], [-1.0]])
+    # the query at position 1 (threshold 1/2) sees keys 0 and 1: head 0 gives key 0 0.8, not minor
+    earlier = torch.tensor([[1.0], [1.0]])
+    queries = torch.stack([earlier, last])  # [W = 2, G = 2, D = 1]
+    positions = torch.tensor([1, 2])
+    both = minor_for_all(queries, positions, torch.tensor([True, True]), keys, key_positions, held, 1.0)
+    assert both.tolist() == [False, False, False]  # key 2 is not even visible to the earlier query
+    last_only = minor_for_all(queries, positions, torch.tensor([False, True]), keys, key_positions, held, 1.0)
+    assert last_only.tolist() == [True, False, False]
+    # a key the head no longer holds takes no share of the softmax: without key 1, head 0 gives key 0
+    # 1/3 exactly, which is not below 1/3
+    without = minor_for_all(queries, positions, torch.tensor([False, True]), keys, key_positions,
+                            torch.tensor([True, False, True]), 1.0)
+    assert without.tolist() == [False, False, False]
+
+
+def test_corm_prefill_extends_the_count_over_whole_chunks_and_restarts_it_past_the_window():
+    # 8 slots, window 4 observed queries; recent 2. A chunk of 4 whose 4 queries (positions 4..7)
+    # all find slots 0 and 1 minor extends their count; a chunk of 8 observed only in its last 4
+    # restarts it at 4
+    spec = {"name": "corm", "window": 4, "recent": 2}
+    for new_tokens, before, after in ((4, 3.0, 7.0), (8, 3.0, 4.0)):
+        step = make_step(spec, 8, new_tokens=new_tokens, prompt_done=False)
+        step.aux.fill_(before)
+        # keys: slot 0 and 1 far from every query; the rest close (each query's softmax is dominated by them)
+        step.key_store = torch.tensor([[-4.0], [-4.0]] + [[2.0]] * 6)
+        step.slot = torch.arange(8).view(1, 1, 1, 8)
+        step.queries = torch.ones(1, 1, 4, 1, 1)
+        step.query_count = torch.tensor([4])
+        keep = type(step.policies[0]).act(step)
+        assert step.aux[0, 0, 0, :2].tolist() == [after, after] and step.aux[0, 0, 0, 2:].tolist() == [0.0] * 6
+        assert kept(keep) == [2, 3, 4, 5, 6, 7]  # both counts reach the window
 
 
 def test_snapkv_pools_window_votes_and_keeps_the_window():
@@ -145,6 +211,34 @@ def test_tova_evicts_what_the_current_query_attends_least():
     keep = type(step.policies[0]).act(step)
     assert kept(keep) == [0, 1, 3, 4]
     assert step.scores[0, 0, 0].tolist() == pytest.approx([0.3, 0.1, 0.02, 0.4, 0.18])
+
+
+def test_tova_averages_over_the_layers_heads_by_position_and_waits_for_the_prompt():
+    # two KV heads whose slots hold positions in different orders; by layer, each position's score is
+    # the mean of the two heads' (a group of 1): position 0 (0.5 + 0.1) / 2 = 0.3, 1: 0.25, 2: 0.35, 3: 0.25
+    window = torch.tensor([[0.5, 0.3, 0.6, 0.2], [0.1, 0.1, 0.2, 0.3]])  # by slot
+    positions = torch.tensor([[0, 1, 2, 3], [0, 2, 1, 3]])
+    spec = {"name": "tova", "budget": 2, "recent": 0}
+    step = make_step(spec, 4, heads=2, new_tokens=4, window=window[None, None], prompt_tokens=4)
+    step.positions = positions[None, None].clone()
+    keep = type(step.policies[0]).act(step)
+    expected = torch.tensor([[0.3, 0.25, 0.35, 0.25], [0.3, 0.35, 0.25, 0.25]])
+    assert torch.allclose(step.scores[0, 0], expected, rtol=1e-6)  # float32 means of two numbers
+    assert kept(keep, 0) == [0, 2] and kept(keep, 1) == [0, 1]  # positions 0 and 2 in both heads
+    # by group, each head keeps its own best
+    step = make_step({**spec, "heads": "group"}, 4, heads=2, new_tokens=4, window=window[None, None], prompt_tokens=4)
+    keep = type(step.policies[0]).act(step)
+    assert kept(keep, 0) == [0, 2] and kept(keep, 1) == [2, 3]
+    # before the prompt is in, nothing is observed or evicted unless chunked
+    policy = create_policy(parse_policy(spec), 100)
+    assert policy.prefill_window(64, False) == 0 and policy.prefill_window(64, True) == 1
+    assert policy.tokens_bound(10, 64) == 110
+    step = make_step(spec, 4, new_tokens=4, prompt_done=False, window=[0.5, 0.1, 0.1, 0.3])
+    assert type(step.policies[0]).act(step) is None
+    step = make_step({**spec, "chunked": True}, 4, new_tokens=4, prompt_done=False, window=[0.5, 0.1, 0.1, 0.3])
+    assert kept(type(step.policies[0]).act(step)) == [0, 3]
+    with pytest.raises(PolicyError, match="heads: group"):
+        parse_policy({"name": "tova", "adaptive": True})
 
 
 @pytest.mark.parametrize("name", ["h2o", "knorm", "tova", "streaming_llm"])
@@ -222,21 +316,33 @@ def test_registry_validates_and_describes():
     assert "budget" in described["h2o"]["schema"]["properties"]
 
 
+def test_window_queries_right_aligns_each_rows_last_queries():
+    # two prefill rows of 3 and 4 tokens (one head, one channel holding the token's index)
+    q = torch.arange(7, dtype=torch.float32).view(7, 1, 1)
+    start_loc = torch.tensor([0, 3, 7])
+    observed = window_queries(q, start_loc, torch.tensor([2, 5]))  # the second is capped at its 4 tokens
+    assert observed.shape == (2, 4, 1, 1) and observed.dtype == torch.float32
+    assert observed[..., 0, 0].tolist() == [[0, 0, 1, 2], [3, 4, 5, 6]]
+    assert window_queries(q, start_loc, torch.tensor([0, 1]))[..., 0, 0].tolist() == [[0], [6]]
+
+
 def test_think_scores_channels_by_query_and_key_energy_and_thins_older_tokens():
     # two sequences, one layer, one KV head of 3 query heads, 4 channels; 6 tokens each, window 2
     policies = [create_policy(parse_policy({"name": "think", "channel_ratio": 0.5, "window": 2}), 6)
                 for _ in range(2)]
     shape = (2, 1, 1, 6)
     keys = torch.tensor([[3.0, 1.0, 2.0, 0.5]]).repeat(12, 1)  # key energy per channel: 9, 1, 4, 0.25
-    query_energy = torch.zeros(2, 1, 3, 4)
-    query_energy[0] = torch.tensor([0.01, 5.0, 1.0, 100.0])  # products: 0.09, 5, 4, 25 -> channels 1, 3
+    # the first observed two queries, q**2 of 0.02, 10, 2, 200 and 0: energies 0.01, 5, 1, 100
+    # (products 0.09, 5, 4, 25 -> channels 1, 3); the second observed none
+    queries = torch.zeros(2, 1, 2, 3, 4)
+    queries[0, 0, 1] = torch.tensor([0.02, 10.0, 2.0, 200.0]).sqrt()
     step = PolicyStep(
         policies=policies, lengths=torch.full(shape[:3], 6), new_tokens=torch.tensor([6, 1]),
         decoding=torch.tensor([False, True]), prompt_done=torch.tensor([True, True]),
         newest_position=torch.tensor([5, 5]), held=torch.ones(shape, dtype=torch.bool),
         positions=torch.arange(6).expand(shape).clone(), scores=torch.zeros(shape), aux=torch.zeros(shape),
-        key_norms=None, decode_sum=None, decode_max=None, window=None, query_energy=query_energy, group_size=3,
-        slot=torch.arange(12).view(shape), key_store=keys)
+        key_norms=None, decode_sum=None, decode_max=None, window=None, queries=queries, group_size=3,
+        slot=torch.arange(12).view(shape), key_store=keys, query_count=torch.tensor([2, 0]))
     keep = ThinKPolicy.act(step)
     assert bool(keep.all())  # nothing is dropped: thinned tokens move
     assert policies[0].channels.tolist() == [[[1, 3]]]
@@ -245,3 +351,144 @@ def test_think_scores_channels_by_query_and_key_energy_and_thins_older_tokens():
     transfer = step.transfers[ThinKey(2)]
     # every token older than the window moves: positions 0..3 of both
     assert transfer.mask[:, 0, 0].tolist() == [[True] * 4 + [False] * 2] * 2
+
+
+# ---- head-adaptive budgets (AdaKV): a layer's budget shared among its heads by score ----
+
+CONCENTRATED = [0.70, 0.20, 0.04, 0.02, 0.01, 0.01, 0.01, 0.01]  # one token draws most of the head's attention
+DIFFUSE = [0.25, 0.15, 0.15, 0.12, 0.10, 0.09, 0.08, 0.05]
+
+
+def shares(scores, budget: int, floor: int, protected=None) -> list[int]:
+    """adaptive_budgets of one layer of fully held heads."""
+    scores = torch.tensor(scores)[None, None]
+    held = torch.ones_like(scores, dtype=torch.bool)
+    protected = torch.zeros_like(held) if protected is None else torch.tensor(protected)[None, None]
+    return adaptive_budgets(scores, held, protected, torch.tensor(budget), torch.tensor(floor))[0, 0].tolist()
+
+
+def stack(*steps: PolicyStep) -> PolicyStep:
+    """One step of the sequences of `steps` (one each), rows in that order."""
+    first = steps[0]
+    rows = {f.name: torch.cat([getattr(s, f.name) for s in steps]) for f in dataclasses.fields(first)
+            if isinstance(getattr(first, f.name), torch.Tensor) and f.name != "key_store"}
+    return dataclasses.replace(first, policies=[p for s in steps for p in s.policies], **rows)
+
+
+def test_adaptive_budgets_give_a_concentrated_head_fewer_tokens_and_a_diffuse_head_more():
+    # budget 4 per head: 8 for the layer. Floor 1: each head's best first (0.70 | 0.25); the other 6 go to
+    # the best of the rest of both heads: 0.20 of the concentrated head, 0.15, 0.15, 0.12, 0.10, 0.09 of the other
+    assert shares([CONCENTRATED, DIFFUSE], 4, 1) == [2, 6]
+    # floor 3: each head's best three (0.70, 0.20, 0.04 | 0.25, 0.15, 0.15), then 0.12 and 0.10, both diffuse
+    assert shares([CONCENTRATED, DIFFUSE], 4, 3) == [3, 5]
+    # a floor at the budget leaves nothing to share
+    assert shares([CONCENTRATED, DIFFUSE], 4, 4) == [4, 4]
+    # equal scores: the lower head first (each head's first slot is its floor; then head 0's slots 1 and 2)
+    assert shares([[0.5] * 4, [0.5] * 4], 2, 1) == [3, 1]
+
+
+def test_adaptive_budgets_count_protected_slots_inside_their_heads_budget():
+    # slot 7 of the concentrated head (0.01) is protected: it fills that head's floor of 1, so the head's
+    # 0.70 competes with the rest: 0.70, 0.20 | 0.15, 0.15, 0.12, 0.10 after the diffuse head's floor, 0.25
+    protected = [[False] * 7 + [True], [False] * 8]
+    assert shares([CONCENTRATED, DIFFUSE], 4, 1, protected) == [3, 5]
+    scores = torch.tensor([CONCENTRATED, DIFFUSE])[None, None]
+    held = torch.ones_like(scores, dtype=torch.bool)
+    keep = keep_top(scores, held, torch.tensor(protected)[None, None], torch.tensor([3, 5]))
+    assert kept(keep, 0) == [0, 1, 7] and kept(keep, 1) == [0, 1, 2, 3, 4]
+
+
+def test_adaptive_budgets_sum_to_the_layers_budget_and_respect_floor_protection_and_holdings():
+    g = torch.Generator().manual_seed(0)
+    n, layers, heads, slots = 3, 4, 4, 24
+    scores = torch.rand(n, layers, heads, slots, generator=g) ** 4
+    lengths = torch.randint(4, slots + 1, (n, layers, heads), generator=g)
+    held = torch.arange(slots) < lengths[..., None]
+    protected = held & (torch.arange(slots) >= lengths[..., None] - 2)  # each head's last two
+    budget = torch.tensor([6, 10, 30])[:, None, None]  # the last row's layers hold less than their budget
+    floor = torch.tensor([2, 3, 6])[:, None, None]
+    got = adaptive_budgets(scores, held, protected, budget, floor)
+    assert torch.equal(got.sum(-1), torch.minimum(heads * budget[..., 0], lengths.sum(-1)))
+    assert bool((got >= torch.minimum(lengths, torch.maximum(floor, torch.tensor(2)))).all())
+    assert bool((got <= lengths).all())
+    assert not bool((got == got[..., :1]).all())  # the heads do not all get the same
+    keep = keep_top(scores, held, protected, got)
+    assert torch.equal(keep.sum(-1), got) and bool(keep[protected].all())
+
+
+def test_tova_adaptive_keeps_fewer_tokens_in_a_concentrated_head_and_its_protected_ones():
+    spec = {"name": "tova", "budget": 4, "recent": 0, "adaptive": True, "heads": "group"}  # floor: ceil(0.2 x 4) = 1
+    step = make_step(spec, 8, heads=2, new_tokens=8, window=torch.tensor([CONCENTRATED, DIFFUSE])[None, None])
+    keep = type(step.policies[0]).act(step)
+    assert kept(keep, 0) == [0, 1] and kept(keep, 1) == [0, 1, 2, 3, 4, 5]
+    # recent 1: the newest slot (7) is protected in both heads and counts in their share
+    step = make_step({**spec, "recent": 1}, 8, heads=2, new_tokens=8,
+                     window=torch.tensor([CONCENTRATED, DIFFUSE])[None, None])
+    keep = type(step.policies[0]).act(step)
+    assert kept(keep, 0) == [0, 1, 7] and kept(keep, 1) == [0, 1, 2, 3, 7]
+
+
+def test_snapkv_adaptive_shares_each_rows_layer_budget_beside_a_uniform_row():
+    # 10 slots, window 2 (slots 8, 9 protected), budget 5: 10 per layer, 2 x 2 protected, 6 to share (kernel 1:
+    # no pooling). Votes: 0.9 of the first head, then 0.3, 0.2, 0.15, 0.12, 0.1 of the second
+    votes = torch.tensor([[0.9, 0.05, 0.02, 0.01, 0.01, 0.005, 0.005, 0.0, 0.5, 0.5],
+                          [0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05, 0.0, 0.5, 0.5]])[None, None]
+    spec = {"name": "snapkv", "budget": 5, "window": 2, "kernel": 1}
+    steps = [make_step({**spec, "adaptive": adaptive}, 10, heads=2, new_tokens=10, prompt_tokens=10, window=votes)
+             for adaptive in (True, False)]
+    keep = type(steps[0].policies[0]).act(stack(*steps))
+    assert torch.nonzero(keep[0, 0, 0])[:, 0].tolist() == [0, 8, 9]
+    assert torch.nonzero(keep[0, 0, 1])[:, 0].tolist() == [0, 1, 2, 3, 4, 8, 9]
+    assert keep[1].sum(-1).tolist() == [[5, 5]]  # the uniform row: the budget in every head
+
+
+def test_knorm_adaptive_ranks_each_heads_norms_against_its_own_spread():
+    # the second head's norms are the first's times 10: standardised, both heads look alike and share
+    # evenly (raw, the first head's -1..-6 would all beat the second's -10..-60: 5 and 1)
+    norms = torch.tensor([[1.0, 2, 3, 4, 5, 6], [10.0, 20, 30, 40, 50, 60]])[None, None]
+    spec = {"name": "knorm", "budget": 3, "recent": 0, "adaptive": True}
+    step = make_step(spec, 6, heads=2, new_tokens=6, key_norms=norms)
+    keep = type(step.policies[0]).act(step)
+    assert kept(keep, 0) == [0, 1, 2] and kept(keep, 1) == [0, 1, 2]
+    # one key far below a head's other norms (z 2.24, the rest -0.45) against norms spread evenly
+    # (z 1.46, 0.88, 0.29, -0.29, ...): after the floors (slot 0 of each), 0.88, 0.29, -0.29 and one -0.45
+    norms = torch.tensor([[1.0, 5, 5, 5, 5, 5], [1.0, 2, 3, 4, 5, 6]])[None, None]
+    step = make_step(spec, 6, heads=2, new_tokens=6, key_norms=norms)
+    keep = type(step.policies[0]).act(step)
+    assert keep[0, 0].sum(-1).tolist() == [2, 4] and kept(keep, 1) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["h2o", "knorm", "tova"])
+def test_adaptive_false_keeps_exactly_the_uniform_budget(name):
+    values = torch.rand(1, 1, 3, 20, generator=torch.Generator().manual_seed(1))
+    kept_by = {}
+    for adaptive in (None, False, True):
+        spec = {"name": name, "budget": 7, "recent": 2, **({} if adaptive is None else {"adaptive": adaptive}),
+                **({"heads": "group", "chunked": True} if name == "tova" else {})}
+        step = make_step(spec, 20, heads=3, new_tokens=20, prompt_done=False, prompt_tokens=40, window=values,
+                         key_norms=values)
+        kept_by[adaptive] = type(step.policies[0]).act(step)
+    uniform = keep_top(step.scores, step.held, protected_recent(step), torch.tensor(7))
+    assert torch.equal(kept_by[None], uniform) and torch.equal(kept_by[False], uniform)
+    assert kept_by[False].sum(-1).tolist() == [[[7, 7, 7]]]
+    assert int(kept_by[True].sum()) == 21 and kept_by[True].sum(-1).tolist() != [[[7, 7, 7]]]
+
+
+def test_adaptive_is_validated_and_bounds_a_head_by_its_layer():
+    with pytest.raises(PolicyError) as e:
+        parse_policy({"name": "streaming_llm", "adaptive": True})  # it keeps by position: nothing to rank
+    assert e.value.param == "kv_policy.adaptive" and "position" in str(e.value)
+    with pytest.raises(PolicyError) as e:
+        parse_policy({"name": "knorm", "adaptive": True, "adaptive_floor": 0})
+    assert e.value.param == "kv_policy.adaptive_floor"
+    with pytest.raises(PolicyError):
+        parse_policy({"name": "think", "base": {"name": "streaming_llm", "adaptive": True}})
+    assert parse_policy({"name": "think", "base": {"name": "snapkv", "adaptive": True}})._base.adaptive
+    assert create_policy(parse_policy({"name": "h2o", "budget": 15, "adaptive": True}), 100).head_floor() == 3
+    policy = create_policy(parse_policy({"name": "knorm", "budget": 10, "adaptive": True, "adaptive_floor": 0.25}),
+                           1000)
+    assert policy.head_floor() == 3 and policy.most_kept(kv_heads=4) == 4 * 10 - 3 * 3
+    assert policy.tokens_bound(50, 64) == 1050  # the KV heads unknown: only the sequence's length bounds a head
+    assert create_policy(parse_policy({"name": "knorm", "budget": 10}), 1000).tokens_bound(50, 64) == 74
+    keydiff = create_policy(parse_policy({"name": "keydiff", "budget": 3, "adaptive": True}), 100)
+    assert keydiff.tokens_bound(50, 64) == 150

@@ -103,7 +103,10 @@ def test_teacher_forcing_reproduces_greedy_and_measures_compression(engine):
 
 
 BUDGETED = [{"name": name, "ratio": 0.25} for name in ("h2o", "snapkv", "streaming_llm", "knorm", "tova", "keydiff")]
-BUDGETED += [{"name": "knorm", "budget": 40, "recent": 8}, {"name": "keydiff", "ratio": 0.25, "decode": True}]
+BUDGETED += [{"name": "knorm", "budget": 40, "recent": 8}, {"name": "keydiff", "ratio": 0.25, "decode": True},
+             {"name": "expected_attention", "ratio": 0.25, "decode": True},
+             {"name": "tova", "ratio": 0.25, "chunked": True},
+             {"name": "h2o", "ratio": 0.25, "window": 16, "kernel": 5}]
 
 
 def test_every_budgeted_policy_keeps_the_prompts_tail_and_the_newest_tokens_in_every_head(engine):
@@ -148,7 +151,7 @@ def test_scope_context_keeps_the_question_whole_in_every_head_under_every_policy
     assert error.value.param == "kv_policy.scope"
 
 
-def run_checking_held(engine, needed) -> tuple[int, int]:
+def run_checking_held(engine, needed, after_step=lambda: None) -> tuple[int, int]:
     """Run the engine's requests to the end; after every step, every head of every running sequence
     must hold, at full precision, each position of `needed(seq)`. Returns (checks, heads that had
     dropped or moved tokens)."""
@@ -157,6 +160,7 @@ def run_checking_held(engine, needed) -> tuple[int, int]:
     checked = evicted = 0
     while engine.has_unfinished():
         engine.step()
+        after_step()
         for seq in seqs.values():
             if seq.row is None or seq.num_computed == 0:
                 continue
@@ -171,3 +175,77 @@ def run_checking_held(engine, needed) -> tuple[int, int]:
             evicted += int((lengths < seq.num_computed).sum())
             checked += 1
     return checked, evicted
+
+
+ADAPTIVE = [{"name": "snapkv", "ratio": 0.25}, {"name": "snapkv", "ratio": 0.25, "adaptive": True},
+            {"name": "knorm", "ratio": 0.25}, {"name": "knorm", "ratio": 0.25, "adaptive": True}]
+
+
+def test_adaptive_budgets_share_each_layers_tokens_and_pages_among_its_heads(engine):
+    """With `adaptive`, each layer holds in all exactly what the uniform budget holds (no rounding:
+    the shares are whole tokens that sum to the layer's budget), but its heads hold different
+    numbers of tokens, each at least the floor, and only the pages those take: some heads hold fewer
+    pages than any head under the uniform budget."""
+    tok = engine.tokenizer
+    prompt = tok(passkey_prompt(tok, 360, 0.5, seed=7).prompt)["input_ids"]
+    for i, spec in enumerate(ADAPTIVE):
+        engine.add_request(f"a{i}", prompt, PARAMS, spec)
+    seqs = dict(engine.seqs)
+    table, pool = engine.runner.table, engine.runner.pool
+    pages = lambda held: (held + table.block_size - 1) // table.block_size
+    snapshots: dict[tuple[str, int], torch.Tensor] = {}  # (request, tokens in the cache) -> [L, Hkv] lengths
+    while engine.has_unfinished():
+        engine.step()
+        live = [s for s in seqs.values() if s.row is not None]
+        # the pool lends exactly the pages the heads' lengths take
+        assert pool.pages_used == int(pages(table.lengths[[s.row for s in live]].long()).sum())
+        for seq in live:
+            if seq.num_computed >= len(prompt):
+                snapshots[seq.request_id, seq.num_computed] = table.lengths[seq.row].long().clone()
+    heads = table.kv_heads
+    for uniform, adaptive in (("a0", "a1"), ("a2", "a3")):
+        policy = seqs[adaptive].policy
+        steps = sorted(n for rid, n in snapshots if rid == adaptive)
+        assert len(steps) == PARAMS.max_tokens - 1 and all((uniform, n) in snapshots for n in steps)
+        for n in steps:
+            plain, shared = snapshots[uniform, n], snapshots[adaptive, n]
+            assert bool((plain == plain[:, :1]).all())  # uniform: every head the same
+            assert torch.equal(shared.sum(-1), plain.sum(-1)), (adaptive, n)
+            assert int((shared != shared[:, :1]).any(-1).sum()) > len(shared) // 2, "the heads should differ"
+            assert int(shared.min()) >= policy.head_floor()
+            new = n - len(prompt) if ADAPTIVE[int(adaptive[1])]["name"] == "snapkv" else 0  # snapkv never evicts those
+            assert int(shared.max()) <= policy.most_kept(heads) + new
+            # page rounding: a layer's adaptive heads take at most Hkv - 1 pages more, or fewer, than uniform ones
+            assert bool(((pages(shared).sum(-1) - pages(plain).sum(-1)).abs() <= heads - 1).all())
+            assert bool((pages(shared) < pages(plain)).any())
+
+
+def test_corm_judges_the_prompt_while_prefilling_and_never_evicts_the_recent_tokens(engine):
+    """CORM's prompt keys are judged by the prompt's own last queries chunk by chunk (256-token
+    chunks here): heads shrink before the prompt is complete, while every head keeps the newest
+    `recent` tokens after every step. With `prompt: false` only decode queries judge, so the whole
+    prompt is still held when the first token is sampled."""
+    tok = engine.tokenizer
+    prompt = tok(passkey_prompt(tok, 700, 0.5, seed=3).prompt)["input_ids"]
+    recent = 32
+    shrunk_in_prefill = {}
+    for prompt_judged in (True, False):
+        engine.add_request("c", prompt, PARAMS, {"name": "corm", "window": 16, "recent": recent,
+                                                 "prompt": prompt_judged})
+        seq = engine.seqs["c"]
+        held_at_prompt_end = None
+
+        def needed(seq) -> set[int]:
+            return set(range(max(0, seq.num_computed - recent), seq.num_computed))
+
+        def watch(seq=seq) -> None:
+            nonlocal held_at_prompt_end
+            if seq.row is not None and seq.num_computed == len(prompt):
+                held_at_prompt_end = engine.runner.table.lengths[seq.row].long()
+
+        checked, _ = run_checking_held(engine, needed, after_step=watch)
+        assert checked >= PARAMS.max_tokens
+        shrunk_in_prefill[prompt_judged] = int((held_at_prompt_end < len(prompt)).sum())
+    layers, kv_heads = engine.model_config.num_layers, engine.model_config.num_kv_heads
+    assert shrunk_in_prefill[True] > layers * kv_heads // 2  # most heads freed prompt tokens before decoding
+    assert shrunk_in_prefill[False] == 0

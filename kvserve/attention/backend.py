@@ -22,7 +22,7 @@ from kvserve.cache.quantized import QuantView
 from kvserve.cache.thin_key import ThinView
 from kvserve.cache.tier import TierView
 from kvserve.kernels.paged_decode import merge_attention
-from kvserve.kernels.query_energy import query_energy
+from kvserve.kernels.window_queries import window_queries
 
 TierKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # -> (out [n, Hq, D], lse [n, Hq] float32)
 
@@ -88,7 +88,7 @@ class AttentionBackend(ABC):
         if window is not None:
             meta.window_scores[layer] = window
         if meta.query_windows is not None:
-            meta.query_energy[layer] = query_energy(queries, meta.prefill_query_start_loc, meta.query_windows)
+            meta.window_queries[layer] = window_queries(queries, meta.prefill_query_start_loc, meta.query_windows)
         return out
 
     def _decode_rows(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,

@@ -10,9 +10,9 @@ Observations (what compression policies ask for) are computed only when the meta
 - `prefill_windows` ([Bp] ints, 0 for none): for each prefill row, the probabilities of its last
   `prefill_windows[row]` queries of the chunk, summed over them and over the group
   -> `window_scores[layer]`, [Bp, Hkv, S] float32.
-- `query_windows` ([Bp] ints, 0 for none): for each prefill row, the mean over its chunk's last
-  `query_windows[row]` queries of q**2 per channel -> `query_energy[layer]`, [Bp, Hq, D] float32
-  (ThinK's channel score).
+- `query_windows` ([Bp] ints, 0 for none): for each prefill row, its chunk's last
+  `query_windows[row]` queries themselves (after RoPE), right-aligned and zero-padded
+  -> `window_queries[layer]`, [Bp, W, Hq, D] float32 (kernels/window_queries.py).
 S = P * block_size; entries at or beyond a head's length are zero.
 """
 
@@ -37,11 +37,11 @@ class AttentionMetadata:
     prefill_query_start_loc: torch.Tensor  # [Bp + 1] int64, offsets into prefill_tokens
     observe_decode: bool = False
     prefill_windows: torch.Tensor | None = None  # [Bp] int64, queries each prefill row observes
-    query_windows: torch.Tensor | None = None  # [Bp] int64, queries each prefill row reports the energy of
+    query_windows: torch.Tensor | None = None  # [Bp] int64, queries each prefill row reports
     tier_views: list[TierView] = field(default_factory=list)  # compressed tiers of decode rows
     decode_scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # by layer
     window_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer
-    query_energy: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer
+    window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer
 
     def to(self, device: torch.device) -> AttentionMetadata:
         """The step's index tensors on the pool's device (built on the host by the runner)."""

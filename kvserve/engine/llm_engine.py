@@ -19,6 +19,7 @@ from kvserve.engine.policy_runner import PolicyRunner
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.sequence import Sequence, TokenOverride
+from kvserve.model.llama import rope_inv_freq
 from kvserve.model.loader import load_tokenizer
 from kvserve.policies.registry import create_policy, parse_policy
 
@@ -44,7 +45,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.runner.folder)
         self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens,
                                    by_priority=config.scheduling_policy == "priority")
-        self.policies = PolicyRunner(self.runner.table, self.runner.tiers, self.model_config.group_size)
+        self.policies = PolicyRunner(self.runner.table, self.runner.tiers, self.model_config.group_size,
+                                     self.runner.backend.scale, rope_inv_freq(self.model_config))
         self.default_policy = parse_policy(config.kv_policy)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

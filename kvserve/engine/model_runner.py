@@ -36,7 +36,7 @@ class PromptSpan:
 @dataclass
 class Observations:
     """What attention must report this step for the compression policies: decode scores (for every
-    decode row), and per batch row the probabilities (`windows`) and the query energy
+    decode row), and per batch row the probabilities (`windows`) and the queries themselves
     (`query_windows`) of that many of its prefill chunk's last queries (0: none)."""
 
     decode_scores: bool = False

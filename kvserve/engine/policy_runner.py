@@ -18,15 +18,18 @@ from kvserve.policies.base import Policy, PolicyStep, Transfer, oldest
 
 
 class PolicyRunner:
-    def __init__(self, table: PageTable, tiers: TierSet, group_size: int) -> None:
+    def __init__(self, table: PageTable, tiers: TierSet, group_size: int, attention_scale: float,
+                 rope_inv_freq: torch.Tensor) -> None:
         self.table = table
         self.tiers = tiers
         self.group_size = group_size
+        self.attention_scale = attention_scale
+        self.rope_inv_freq = rope_inv_freq
         self.tokens_evicted: Counter[str] = Counter()
 
     def observations(self, batch: ScheduledBatch) -> Observations:
-        """What attention must report this step: decode scores? the probabilities and the query
-        energy of how many of each prefill chunk's last queries?"""
+        """What attention must report this step: decode scores? the probabilities and the queries
+        of how many of each prefill chunk's last queries?"""
         wanted = Observations()
         for seq, count in zip(batch.seqs, batch.counts):
             if count == 1:
@@ -67,9 +70,12 @@ class PolicyRunner:
                                                      slots, k) for k in (0, 1))
         if meta.window_scores:
             window = self._observed(meta.window_scores, meta.prefill_rows, batch_size, members_t, slots, None)
-        query_energy = None
-        if meta.query_energy:
-            query_energy = self._observed(meta.query_energy, meta.prefill_rows, batch_size, members_t, None, None)
+        queries = query_count = None
+        if meta.window_queries:
+            queries = self._observed(meta.window_queries, meta.prefill_rows, batch_size, members_t, None, None)
+            asked = [0 if c == 1 else s.policy.query_window(c, s.num_computed == s.num_tokens)
+                     for s, c in zip(seqs, counts.tolist())]  # as `observations` asked, the chunk now computed
+            query_count = torch.minimum(torch.tensor(asked), counts)
         if cls.needs_key_norms:
             fresh = held & (positions > (newest - counts)[:, None, None, None])
             key_norms = torch.full(slot.shape, float("nan"))
@@ -79,8 +85,9 @@ class PolicyRunner:
             prompt_done=torch.tensor([s.num_computed == s.num_tokens for s in seqs]), newest_position=newest,
             held=held, positions=positions, scores=pool.slot_scores[slot], aux=pool.slot_aux[slot],
             key_norms=key_norms, decode_sum=decode_sum, decode_max=decode_max, window=window,
-            query_energy=query_energy, group_size=self.group_size, slot=slot,
-            key_store=pool.k_pages.view(-1, pool.head_dim))
+            queries=queries, group_size=self.group_size, slot=slot, key_store=pool.k_pages.view(-1, pool.head_dim),
+            query_count=query_count, attention_scale=self.attention_scale,
+            value_store=pool.v_pages.view(-1, pool.head_dim), rope_inv_freq=self.rope_inv_freq)
         keep = cls.act(step)
         pool.slot_scores[slot[held]] = step.scores[held]
         pool.slot_aux[slot[held]] = step.aux[held]
@@ -158,11 +165,12 @@ class PolicyRunner:
     @staticmethod
     def _observed(per_layer: dict, covered: torch.Tensor, batch_size: int, members: torch.Tensor,
                   slots: int | None, which: int | None) -> torch.Tensor:
-        """Stack a per-layer observation of the batch rows `covered` ([len(covered), H, X] each)
-        into [n, L, H, X] for `members` (X cut to `slots` when given), zero for members it does not cover."""
+        """Stack a per-layer observation of the batch rows `covered` ([len(covered), ...] each)
+        into [n, L, ...] for `members` (the last dim cut to `slots` when given), zero for members it does
+        not cover."""
         layers = [per_layer[layer] if which is None else per_layer[layer][which] for layer in sorted(per_layer)]
         stacked = torch.stack(layers, dim=1).float()[..., :slots].cpu()
         lookup = torch.full((batch_size,), -1, dtype=torch.long)
         lookup[covered.cpu()] = torch.arange(covered.numel())
         picked = lookup[members]
-        return stacked[picked.clamp(min=0)] * (picked >= 0)[:, None, None, None]
+        return stacked[picked.clamp(min=0)] * (picked >= 0).view(-1, *[1] * (stacked.dim() - 1))

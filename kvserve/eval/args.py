@@ -23,6 +23,16 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity-continuation", type=int, default=128, help="tokens teacher-forced after it")
     parser.add_argument("--fidelity-samples", type=int, default=2, help="disjoint text windows (0: skip)")
     parser.add_argument("--out", default="eval_results", help="folder for results.json and the heatmaps")
+    parser.add_argument("--peer", choices=["kvpress"], default=None,
+                        help="also run NVIDIA kvpress's presses on the same prompts (in its own venv: "
+                             "`make kvpress-venv`) and print both accuracies side by side")
+    parser.add_argument("--peer-python", default=".venv-kvpress/bin/python", help="with --peer: kvpress's python")
+    parser.add_argument("--peer-presses", default="",
+                        help="with --peer: kvpress presses without a kvserve policy, run at every ratio the "
+                             "policies use, e.g. expected_attention,adakv,kvzip")
+    parser.add_argument("--peer-split-question", action="store_true",
+                        help="with --peer: kvpress compresses only the context and reads the question after, "
+                             "as its pipeline does (kvserve still compresses the whole prompt)")
 
 
 def add_concurrency_args(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ class SummaryRow:
     ratio: float | None  # the policy's `ratio`, None where it has none (full, corm, a fixed budget)
     context: int
     accuracy: float
+    accuracy_interval: tuple[float, float]  # 95% Wilson, over the runs of this policy and context
     kv_end_pct: float | None  # mean over runs of bytes held at the end / a full cache's bytes, in %
     kv_peak_pct: float | None
     # mean over runs of the footprint (bytes held summed over the request's steps) / a full cache's over
@@ -41,6 +43,7 @@ def summarize(specs: list[dict[str, Any]], runs: list[PasskeyRun], fidelity: dic
             rows.append(SummaryRow(
                 policy=label, ratio=spec.get("ratio"), context=context,
                 accuracy=sum(r.correct for r in cell) / len(cell),
+                accuracy_interval=wilson_interval(sum(r.correct for r in cell), len(cell)),
                 kv_end_pct=_mean_pct([(r.kv_bytes, r.kv_full_bytes) for r in cell]),
                 kv_peak_pct=_mean_pct([(r.kv_peak_bytes, r.kv_full_bytes) for r in cell]),
                 kv_footprint_pct=_mean_pct([(r.kv_footprint_byte_steps, r.kv_full_footprint_byte_steps)
@@ -50,6 +53,21 @@ def summarize(specs: list[dict[str, Any]], runs: list[PasskeyRun], fidelity: dic
                 decode_tok_s=(statistics.median(r.decode_tokens / r.decode_seconds for r in timed)
                               if timed else None)))
     return rows
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion of `successes` in `n` trials (95% at z = 1.96): unlike
+    p ± z·sqrt(p(1-p)/n) it stays within [0, 1] and is not empty at 0 or n successes. (0, 1) at n = 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, z2 = successes / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def interval_text(interval: tuple[float, float]) -> str:
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def _mean_pct(pairs: list[tuple[int | None, int | None]]) -> float | None:
@@ -88,7 +106,8 @@ def _cell(value: Any) -> str:
 def summary_table(rows: list[SummaryRow], fidelity_context: int | None) -> str:
     kl_header = f"KL @{fidelity_context}" if fidelity_context else "KL"
     top1_header = f"top-1 @{fidelity_context}" if fidelity_context else "top-1"
-    headers = ["policy", "ratio", "context", "passkey acc", "KV end % of full", "KV peak % of full",
+    headers = ["policy", "ratio", "context", "passkey acc", "95% Wilson", "KV end % of full", "KV peak % of full",
                "KV footprint % of full", kl_header, top1_header, "decode tok/s"]
-    return markdown_table(headers, [[r.policy, r.ratio, r.context, r.accuracy, r.kv_end_pct, r.kv_peak_pct,
-                                     r.kv_footprint_pct, r.kl, r.top1, r.decode_tok_s] for r in rows])
+    return markdown_table(headers, [[r.policy, r.ratio, r.context, r.accuracy, interval_text(r.accuracy_interval),
+                                     r.kv_end_pct, r.kv_peak_pct, r.kv_footprint_pct, r.kl, r.top1, r.decode_tok_s]
+                                    for r in rows])

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvserve.cache.tier import TierKey
 
@@ -44,12 +44,29 @@ DEFAULT_RECENT = 32  # tokens: a question's last sentence, or an answer's openin
 
 class BudgetParams(PolicyParams):
     """A per-head token budget, absolute (`budget`) or as a fraction of the prompt (`ratio`), and the
-    `recent` tokens no budget evicts: the prompt's last ones and the newest ones."""
+    `recent` tokens no budget evicts: the prompt's last ones and the newest ones. With `adaptive`,
+    the budget is a layer's average per head instead (AdaKV, see `adaptive_budgets`)."""
+
+    # why a policy refuses `adaptive` (None: it accepts it)
+    adaptive_unsupported: ClassVar[str | None] = None
 
     budget: int | None = Field(default=None, ge=1, description="tokens kept per KV head")
     ratio: float | None = Field(default=None, gt=0, le=1, description="fraction of the prompt kept per KV head")
     recent: int | None = Field(default=None, ge=0, description=f"the prompt's last and the newest tokens never "
                                f"evicted (default {DEFAULT_RECENT}; at most half the budget)")
+    adaptive: bool = Field(default=False, description="AdaKV: share each layer's budget (budget x KV heads) among "
+                           "its heads by ranking all their scores together, so a head whose scores are "
+                           "concentrated keeps (and holds the pages of) fewer tokens and a diffuse head more")
+    adaptive_floor: float = Field(default=0.2, gt=0, le=1, description="with adaptive: no head keeps fewer than "
+                                  "ceil(adaptive_floor x budget) tokens (AdaKV's alpha safeguard; 1: every head "
+                                  "keeps the budget)")
+
+    @field_validator("adaptive")
+    @classmethod
+    def _adaptive_supported(cls, value: bool) -> bool:
+        if value and cls.adaptive_unsupported:
+            raise ValueError(f"not supported by this policy: {cls.adaptive_unsupported}")
+        return value
 
     @model_validator(mode="after")
     def _one_budget(self) -> BudgetParams:
@@ -94,23 +111,35 @@ class PolicyStep:
     decode_sum: torch.Tensor | None  # [n, L, Hkv, S] probability summed over the group (decoding rows)
     decode_max: torch.Tensor | None  # [n, L, Hkv, S] probability maxed over the group (decoding rows)
     window: torch.Tensor | None  # [n, L, Hkv, S] prefill observation window column sums
-    query_energy: torch.Tensor | None  # [n, L, Hq, D] mean q**2 of the prefill's last queries
+    # [n, L, W, Hq, D] float32: the prefill chunk's last `query_count` queries (after RoPE), right-aligned
+    # (the chunk's last query at W - 1, at position newest_position), zeros before them
+    queries: torch.Tensor | None
     group_size: int
     slot: torch.Tensor  # [n, L, Hkv, S] each slot's flat index in the pool
     key_store: torch.Tensor  # the pool's keys, [num_pages * block_size, D]
     transfers: dict[TierKey, Transfer] = field(default_factory=dict)  # set by `act`
+    query_count: torch.Tensor | None = None  # [n] int64: the queries observed per row (0: none)
+    attention_scale: float = 1.0  # the softmax scale of q.k (1/sqrt(D) for Llama), to recompute attention
+    value_store: torch.Tensor | None = None  # the pool's values, [num_pages * block_size, D]
+    # [D / 2] float32: RoPE's angle per position of each channel pair (i, i + D/2), to undo or redo the rotation
+    rope_inv_freq: torch.Tensor | None = None
 
     def subset(self, rows: torch.Tensor, policies: list[Policy]) -> PolicyStep:
         """The step of `rows` alone (copies), acted on by `policies` (e.g. a composed policy's base)."""
         pick = lambda t: t[rows] if isinstance(t, torch.Tensor) else t
         return dataclasses.replace(self, policies=policies, transfers={},
                                    **{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                      if f.name not in ("policies", "transfers", "key_store", "group_size")})
+                                      if f.name not in ("policies", "transfers", "key_store", "value_store",
+                                                        "rope_inv_freq")})
 
     def keys(self, rows: torch.Tensor) -> torch.Tensor:
         """The keys of `rows` (indices into the n sequences), [len(rows), L, Hkv, S, D] float32, on the host
         like every other field of the step."""
         return self.key_store[self.slot[rows]].float().cpu()
+
+    def values(self, rows: torch.Tensor) -> torch.Tensor:
+        """The values of `rows`, like `keys`."""
+        return self.value_store[self.slot[rows]].float().cpu()
 
     def per_row(self, values: list[float] | list[int]) -> torch.Tensor:
         """A per-sequence number broadcast against [n, L, Hkv, S]."""
@@ -144,7 +173,7 @@ class Policy:
         return 0
 
     def query_window(self, chunk_tokens: int, prompt_done: bool) -> int:
-        """How many of a prefill chunk's last queries this policy reads the energy of (0: none)."""
+        """How many of a prefill chunk's last queries this policy reads (`PolicyStep.queries`; 0: none)."""
         return 0
 
     @classmethod
@@ -184,8 +213,26 @@ class BudgetPolicy(Policy):
         out of reach (scope `context`), and `recent()` before it (which fits: at most half the room)."""
         return self.question_tokens + self.recent()
 
+    def head_floor(self) -> int:
+        """With `adaptive`: the fewest tokens a head keeps, ceil(adaptive_floor x budget)."""
+        return math.ceil(round(self.params.adaptive_floor * self.budget(), 6))
+
+    def most_kept(self, kv_heads: int | None = None) -> int | None:
+        """Most tokens one head keeps once the policy has acted: `budget()`; with `adaptive`, the
+        whole layer's budget less the other heads' floors, kv_heads x budget - (kv_heads - 1) x
+        floor, so None (no bound but the sequence's length) when `kv_heads` is not known."""
+        if not self.params.adaptive:
+            return self.budget()
+        if kv_heads is None:
+            return None
+        return kv_heads * self.budget() - (kv_heads - 1) * self.head_floor()
+
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
-        return min(self.prompt_tokens + max_new_tokens, self.budget() + chunk_tokens)
+        # a policy does not know the model's KV heads: with `adaptive`, one head may take nearly all of
+        # its layer's budget, so only the sequence's length bounds it
+        kept = self.most_kept()
+        total = self.prompt_tokens + max_new_tokens
+        return total if kept is None else min(total, kept + chunk_tokens)
 
 
 def protected_recent(step: PolicyStep) -> torch.Tensor:
@@ -222,6 +269,78 @@ def keep_top(scores: torch.Tensor, held: torch.Tensor, protected: torch.Tensor, 
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
     evict = candidates & (rank < over[..., None])
     return keep & ~evict
+
+
+def adaptive_budgets(scores: torch.Tensor, held: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor,
+                     floor: torch.Tensor) -> torch.Tensor:
+    """AdaKV (Feng et al., 2024): share each layer's budget among its KV heads by score.
+
+    scores, held, protected: [n, L, Hkv, S]; budget, floor: broadcastable to [n, L, Hkv] (per row, or
+    per head). Returns [n, L, Hkv] int64 per-head budgets for `keep_top`, such that per (row, layer):
+    - each head gets at least min(what it holds, max(its protected slots, floor)): the protected
+      slots count inside the head's budget, and the floor (AdaKV's safeguard) is filled with the
+      head's own best candidates, as kvpress's AdaKVPress does;
+    - the rest of the layer's total (the sum of `budget` over its heads) goes to the best of all
+      the heads' remaining candidates ranked together: a head whose score mass sits on a few tokens
+      gets few more, a head with many good tokens many;
+    - so the budgets sum to the layer's total, or to what its heads hold where that is less (no head
+      is given more than it holds); more only if protected slots alone exceed it.
+    Scores are ranked as given, so they must be comparable across heads (`standardise_per_head` for
+    those that are not); NaN ranks lowest. Ties go to the lower head index, then the lower slot.
+    """
+    lengths = held.sum(-1)
+    budget, floor = budget.expand_as(lengths), floor.expand_as(lengths)
+    candidates = held & ~protected
+    n_protected = (held & protected).sum(-1)
+    finite = torch.finfo(scores.dtype)
+    # candidates rank above every other slot whatever their score (even -inf or NaN)
+    ranked = scores.nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min).masked_fill(~candidates,
+                                                                                                float("-inf"))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    safeguarded = candidates & (rank < (floor - n_protected).clamp(min=0)[..., None])
+    guaranteed = n_protected + safeguarded.sum(-1)
+    spare = (budget.sum(-1) - guaranteed.sum(-1)).clamp(min=0)  # [n, L]
+    rest = (candidates & ~safeguarded).flatten(2)  # the layer's heads side by side, head-major
+    layer_order = ranked.flatten(2).masked_fill(~rest, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    layer_rank = torch.empty_like(layer_order).scatter_(
+        -1, layer_order, torch.arange(layer_order.shape[-1]).expand_as(layer_order))
+    picked = rest & (layer_rank < spare[..., None])
+    return guaranteed + picked.reshape(held.shape).sum(-1)
+
+
+def standardise_per_head(scores: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """Each head's scores less their mean, over their standard deviation (over the held slots):
+    makes scores comparable across heads where their scale and offset differ by head for reasons
+    other than how concentrated the head is (key norms; cosines to a head's mean key)."""
+    count = held.sum(-1, keepdim=True).clamp(min=1)
+    values = scores.masked_fill(~held, 0.0)
+    mean = values.sum(-1, keepdim=True) / count
+    spread = (((values - mean) ** 2) * held).sum(-1, keepdim=True) / count
+    return (scores - mean) / spread.sqrt().clamp(min=1e-6)
+
+
+def keep_budget(step: PolicyStep, scores: torch.Tensor, protected: torch.Tensor, rows: torch.Tensor | None = None,
+                *, standardise: bool = False) -> torch.Tensor:
+    """`keep_top` at each BudgetPolicy's `budget()`; for the rows whose policy is `adaptive`, at the
+    per-head budgets `adaptive_budgets` gives (floor: `head_floor()`).
+
+    rows: indices into `step.policies` the tensors are of (None: every row). `standardise`: the
+    scores are not comparable across heads (knorm's -norm, keydiff's -cosine), so the layer-wide
+    ranking uses `standardise_per_head` of them. Attention-probability scores (h2o, tova, snapkv)
+    are ranked as they are, as in AdaKV and kvpress: every head's probabilities sum to the same, so
+    a token's share of its head's attention means the same in every head."""
+    index = range(len(step.policies)) if rows is None else rows.tolist()
+    policies: list[BudgetPolicy] = [step.policies[i] for i in index]
+    held = step.held if rows is None else step.held[rows]
+    budget = torch.tensor([p.budget() for p in policies])[:, None, None].expand(held.shape[:3]).clone()
+    adaptive = torch.tensor([p.params.adaptive for p in policies], dtype=torch.bool)
+    if bool(adaptive.any()):
+        a = torch.nonzero(adaptive)[:, 0]
+        floor = torch.tensor([p.head_floor() for p in policies])[a][:, None, None]
+        ranking = standardise_per_head(scores[a], held[a]) if standardise else scores[a]
+        budget[a] = adaptive_budgets(ranking, held[a], protected[a], budget[a], floor)
+    return keep_top(scores, held, protected, budget)
 
 
 def oldest(positions: torch.Tensor, held: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

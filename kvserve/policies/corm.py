@@ -2,13 +2,25 @@
 queries, unless it is among the `recent` newest keys. Budget-free and per head, so heads end up
 holding different numbers of tokens; compaction returns whole pages to the pool as a head shrinks.
 
-A key is minor for a query at step t when its attention is below 1/t for every query head of its
-group (the max over the group is below 1/t). Our reading of the paper's open points:
-- t is the query's position + 1, the number of keys it would see uncompressed (not the current,
-  shorter, cache length, which would raise the threshold after every eviction);
-- the prompt is observed by decode queries only: prompt keys are kept at prefill and become
-  evictable after `window` decode steps, so CORM does not lower the prefill peak;
-- the optional `budget` caps a head: past it, the keys minor for the longest go first.
+A key is minor for a query at position p when its attention is below 1/(p + 1) for every query
+head of its group (the max over the group is below the threshold). The paper's observation is
+that a query's attention is predicted by the queries just before it, and that holds inside the
+prompt too, so the prompt's own queries judge its keys while it is prefilled:
+- after each prefill chunk, the chunk's last `window` queries are read back (`query_window`) and
+  each key's attention under each is recomputed over what the head holds (causal within the
+  chunk); a key minor for all of them has a count of at least that many consecutive minor
+  queries (added to its count from earlier steps when they were the whole chunk), any other
+  restarts at 0 (a lower bound where only the chunk's tail was minor: a key may stay longer, never
+  go sooner);
+- each decode query extends or resets the count from the decode kernel's group max;
+- a key whose count reaches `window` goes, so a long prompt is compressed while it streams in and
+  its peak is bounded by what each chunk keeps, not by the whole prompt.
+On a passkey prompt this loses the needle (docs/benchmarks.md): its digits are minor for every
+filler query and for the question's own; `prompt: false` lets decode queries alone judge, which
+keeps it but frees nothing before `window` tokens have been generated.
+Our reading of the paper's open points: p + 1 is the number of keys the query would see
+uncompressed (not the current, shorter, cache length, which would raise the threshold after every
+eviction); the optional `budget` caps a head: past it, the keys minor for the longest go first.
 """
 
 from __future__ import annotations
@@ -27,6 +39,29 @@ class CORMParams(PolicyParams):
     window: int = Field(default=256, ge=1, description="w: consecutive minor queries before a key goes")
     recent: int = Field(default=256, ge=0, description="r: newest keys never evicted")
     budget: int | None = Field(default=None, ge=1, description="optional cap on tokens per head")
+    prompt: bool = Field(default=True, description="the prompt's own last queries judge its keys after each "
+                                                   "prefill chunk (false: decode queries only)")
+
+
+def minor_for_all(queries: torch.Tensor, query_positions: torch.Tensor, observed: torch.Tensor,
+                  keys: torch.Tensor, key_positions: torch.Tensor, held: torch.Tensor, scale: float) -> torch.Tensor:
+    """Whether every observed query found each key minor.
+
+    queries [..., W, G, D] (a KV head's group of G query heads), query_positions [..., W], observed
+    [..., W] bool (padding False), keys [..., S, D], key_positions and held [..., S] -> [..., S] bool.
+    A query's attention is its softmax over the held keys at or before its position; a key is minor
+    for it when that is below 1/(p + 1) for every head of the group, compared as logs:
+    logit - lse + log(p + 1) < 0. A key some observed query cannot see is not minor for all.
+    """
+    visible = held[..., None, :] & (key_positions[..., None, :] <= query_positions[..., :, None])  # [..., W, S]
+    bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    logits = torch.einsum("...wgd,...sd->...wgs", queries * scale, keys).add_(bias[..., :, None, :])
+    # an unobserved (padding) query's offset is -inf, so it never makes a key major
+    offset = torch.log1p(query_positions.float()).masked_fill(~observed, float("-inf"))[..., None]
+    offset = offset - logits.logsumexp(-1)  # [..., W, G]
+    worst = logits.add_(offset[..., None]).amax((-3, -2))  # the largest log-ratio over the queries and the group
+    seen_by_all = (visible | ~observed[..., None]).all(-2)
+    return (worst < 0) & seen_by_all
 
 
 @register
@@ -37,20 +72,52 @@ class CORMPolicy(Policy):
 
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         total = self.prompt_tokens + max_new_tokens
-        return total if self.params.budget is None else min(total, max(self.params.budget, self.prompt_tokens))
+        return total if self.params.budget is None else min(total, self.params.budget + chunk_tokens)
+
+    def query_window(self, chunk_tokens: int, prompt_done: bool) -> int:
+        return min(self.params.window, chunk_tokens) if self.params.prompt else 0
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
-        if step.decode_max is None or not bool(step.decoding.any()):
-            return None
-        decoding = step.decoding[:, None, None, None]
-        threshold = 1.0 / (step.newest_position[:, None, None, None] + 1)
-        minor = step.decode_max < threshold
-        # aux: how many consecutive decode queries found the key minor
-        step.aux.copy_(torch.where(decoding, torch.where(minor, step.aux + 1, 0.0), step.aux) * step.held)
+        # this step's observed queries per row (a decode row: its one query) and the keys minor for all
+        observed = torch.where(step.decoding, 1, step.query_count if step.query_count is not None else 0)
+        all_minor = torch.zeros_like(step.held)
+        if step.queries is not None:
+            all_minor = cls._minor_for_prefill(step)
+        if step.decode_max is not None:
+            threshold = 1.0 / (step.newest_position[:, None, None, None] + 1)
+            all_minor = torch.where(step.decoding[:, None, None, None], step.decode_max < threshold, all_minor)
+        # aux: how many consecutive queries found the key minor; a step that observed all its queries
+        # extends the count of the steps before, one that observed its last ones only restarts it there
+        whole = (observed == step.new_tokens)[:, None, None, None]
+        count = observed.float()[:, None, None, None]
+        step.aux.copy_(torch.where(all_minor & (observed > 0)[:, None, None, None],
+                                   torch.where(whole, step.aux + count, count), 0.0) * step.held)
         recent = step.per_row([p.params.recent for p in step.policies])
-        protected = step.positions > step.newest_position[:, None, None, None] - recent
+        protected = step.held & (step.positions > step.newest_position[:, None, None, None] - recent)
         window = step.per_row([p.params.window for p in step.policies])
-        keep = step.held & ~(decoding & ~protected & (step.aux >= window))
+        keep = step.held & (protected | (step.aux < window))
         budgets = [p.params.budget or torch.iinfo(torch.int32).max for p in step.policies]
         return keep_top(-step.aux, keep, protected, step.per_row(budgets)[..., 0])
+
+    @classmethod
+    def _minor_for_prefill(cls, step: PolicyStep) -> torch.Tensor:
+        """[n, L, Hkv, S] bool: the keys every observed prefill query found minor (False for rows that
+        observed none), one layer at a time to bound the logits' size."""
+        minor = torch.zeros_like(step.held)
+        rows = torch.nonzero(step.query_count > 0)[:, 0]
+        if rows.numel() == 0:
+            return minor
+        queries = step.queries[rows]  # [m, L, W, Hq, D]
+        m, layers, width, query_heads, dim = queries.shape
+        kv_heads = step.held.shape[2]
+        offset = torch.arange(width) - (width - 1)
+        query_positions = (step.newest_position[rows][:, None] + offset)[:, None].expand(m, kv_heads, width)
+        observed = (offset >= 1 - step.query_count[rows][:, None])[:, None].expand(m, kv_heads, width)
+        keys = step.keys(rows)  # [m, L, Hkv, S, D]
+        held, key_positions = step.held[rows], step.positions[rows]
+        grouped = queries.view(m, layers, width, kv_heads, query_heads // kv_heads, dim).transpose(2, 3)
+        for layer in range(layers):
+            minor[rows, layer] = minor_for_all(grouped[:, layer], query_positions, observed, keys[:, layer],
+                                               key_positions[:, layer], held[:, layer], step.attention_scale)
+        return minor

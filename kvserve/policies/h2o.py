@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from kvserve.policies.base import DEFAULT_RECENT, BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
+from kvserve.policies.base import DEFAULT_RECENT, BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
+from kvserve.policies.pooling import pool_scores
 from kvserve.policies.registry import register
 
 
@@ -26,6 +27,17 @@ class H2OParams(BudgetParams):
     name: Literal["h2o"] = "h2o"
     recent: int | None = Field(default=None, ge=0, description="newest tokens always kept (default: half the budget)")
     normalize: bool = Field(default=False, description="divide each score by the number of queries that saw the token")
+    window: int | None = Field(default=None, ge=1, description="a prefill chunk adds the attention of its last "
+                                                               "`window` queries only (default: all of them)")
+    kernel: int = Field(default=1, ge=1, description="rank by the score max-pooled over this many neighbouring "
+                                                     "positions (odd; 1: no pooling)")
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError("kernel must be odd")
+        return kernel
 
 
 @register
@@ -42,7 +54,7 @@ class H2OPolicy(BudgetPolicy):
         return self.question_tokens + min(DEFAULT_RECENT, self.context_budget() - self.recent())
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
-        return chunk_tokens
+        return chunk_tokens if self.params.window is None else min(self.params.window, chunk_tokens)
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor:
@@ -51,12 +63,15 @@ class H2OPolicy(BudgetPolicy):
             step.scores += torch.where(decoding, step.decode_sum, 0.0)
         if step.window is not None:
             step.scores += torch.where(decoding, 0.0, step.window)
-        # aux counts the queries that saw each slot: every query of the step from its own position on
+        # aux counts the queries that saw each slot: every observed query of the step from its own position on
         newest = step.newest_position[:, None, None, None]
-        first_new = newest - step.new_tokens[:, None, None, None] + 1
-        step.aux += (newest + 1 - torch.maximum(step.positions, first_new)).clamp(min=0)
+        observed = [p.prefill_window(n, False) for p, n in zip(step.policies, step.new_tokens.tolist())]
+        first_observed = newest - step.per_row(observed) + 1
+        step.aux += (newest + 1 - torch.maximum(step.positions, first_observed)).clamp(min=0)
         step.aux *= step.held
         normalize = step.per_row([p.params.normalize for p in step.policies])
         ranking = torch.where(normalize, step.scores / step.aux.clamp(min=1), step.scores)
-        budget = step.per_row([p.budget() for p in step.policies])[..., 0]
-        return keep_top(ranking, step.held, protected_recent(step), budget)
+        for kernel in {p.params.kernel for p in step.policies} - {1}:
+            rows = torch.tensor([p.params.kernel == kernel for p in step.policies])
+            ranking[rows] = pool_scores(ranking[rows], step.held[rows], step.positions[rows], kernel)
+        return keep_budget(step, ranking, protected_recent(step))

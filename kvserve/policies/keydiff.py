@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -42,7 +42,9 @@ class KeyDiffPolicy(BudgetPolicy):
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         if self.params.decode:
             return super().tokens_bound(max_new_tokens, chunk_tokens)
-        return min(self.prompt_tokens + max_new_tokens, self.budget() + max(chunk_tokens, max_new_tokens))
+        kept = self.most_kept()  # None: adaptive, one head may take most of its layer's budget
+        total = self.prompt_tokens + max_new_tokens
+        return total if kept is None else min(total, kept + max(chunk_tokens, max_new_tokens))
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
@@ -54,6 +56,5 @@ class KeyDiffPolicy(BudgetPolicy):
         keep = step.held.clone()
         held = step.held[rows]
         scores = keydiff_scores(step.keys(rows), held)
-        budget = step.per_row([step.policies[i].budget() for i in rows.tolist()])[..., 0]
-        keep[rows] = keep_top(scores, held, protected_recent(step)[rows], budget)
+        keep[rows] = keep_budget(step, scores, protected_recent(step)[rows], rows, standardise=True)
         return keep

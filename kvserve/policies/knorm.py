@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
 from kvserve.policies.registry import register
 
 
@@ -27,5 +27,4 @@ class KnormPolicy(BudgetPolicy):
         # norms arrive for the step's new keys only (NaN elsewhere): keep each as the slot's score
         fresh = ~torch.isnan(step.key_norms)
         step.scores.copy_(torch.where(fresh, -step.key_norms, step.scores))
-        budget = step.per_row([p.budget() for p in step.policies])[..., 0]
-        return keep_top(step.scores, step.held, protected_recent(step), budget)
+        return keep_budget(step, step.scores, protected_recent(step), standardise=True)

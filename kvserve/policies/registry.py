@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from kvserve.policies.base import Policy, PolicyParams
 from kvserve.registry import Registry
 
-_BUILTINS = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova", "kivi", "think", "tailorkv", "keydiff")
+_BUILTINS = ("full", "h2o", "corm", "snapkv", "streaming_llm", "knorm", "tova", "kivi", "think", "tailorkv", "keydiff",
+             "expected_attention")
 POLICIES: Registry[type[Policy]] = Registry("kv_policy", tuple(f"kvserve.policies.{name}" for name in _BUILTINS))
 register = POLICIES.register
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
+from kvserve.policies.pooling import pool_scores
 from kvserve.policies.registry import register
 
 
@@ -56,17 +56,8 @@ class SnapKVPolicy(BudgetPolicy):
     @classmethod
     def _select(cls, step: PolicyStep, rows: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
         held, positions = step.held[rows], step.positions[rows]
-        # pool in position order (slots are in position order before any eviction, but do not rely on it)
-        order = positions.masked_fill(~held, torch.iinfo(torch.int64).max).argsort(-1)
-        votes = step.window[rows].gather(-1, order)
-        shape = votes.shape
-        flat = votes.reshape(-1, 1, shape[-1])
-        pad = kernel // 2
-        pooled = (F.max_pool1d(flat, kernel, 1, pad) if pooling == "max"
-                  else F.avg_pool1d(flat, kernel, 1, pad, count_include_pad=False))
-        pooled = torch.empty_like(votes).scatter_(-1, order, pooled[..., : shape[-1]].reshape(shape))
+        pooled = pool_scores(step.window[rows], held, positions, kernel, pooling)
         window = step.per_row([step.policies[i].params.window for i in rows.tolist()])
         in_window = positions > step.newest_position[rows][:, None, None, None] - window
         protected = protected_recent(step)[rows] | in_window
-        budget = step.per_row([step.policies[i].budget() for i in rows.tolist()])[..., 0]
-        return keep_top(pooled, held, protected, budget)
+        return keep_budget(step, pooled, protected, rows)

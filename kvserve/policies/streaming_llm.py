@@ -6,18 +6,20 @@ re-rotation."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_top, protected_recent
+from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
 from kvserve.policies.registry import register
 
 
 class StreamingLLMParams(BudgetParams):
     name: Literal["streaming_llm"] = "streaming_llm"
     sinks: int = Field(default=4, ge=0, description="first tokens always kept")
+    adaptive_unsupported: ClassVar[str] = ("streaming_llm keeps tokens by position, the same in every head: no "
+                                           "scores to share a layer's budget by")
 
 
 @register
@@ -36,5 +38,4 @@ class StreamingLLMPolicy(BudgetPolicy):
         # the rest of the budget goes to the newest tokens: rank by position
         sinks = step.per_row([p.params.sinks for p in step.policies])
         protected = (step.held & (step.positions < sinks)) | protected_recent(step)
-        budget = step.per_row([p.budget() for p in step.policies])[..., 0]
-        return keep_top(step.positions.float(), step.held, protected, budget)
+        return keep_budget(step, step.positions.float(), protected)  # `adaptive` is refused: by position

@@ -130,8 +130,10 @@ class ThinKPolicy(Policy):
         n, layers, kv_heads, dim = key_energy.shape
         # a sequence whose last prompt chunk was one token observed no window: it ranks on the keys alone
         query_energy = torch.ones_like(key_energy)
-        if step.query_energy is not None:
-            observed = step.query_energy[rows].view(n, layers, kv_heads, -1, dim).mean(-2)
+        if step.queries is not None:
+            count = step.query_count[rows].clamp(min=1).view(n, 1, 1, 1)
+            energy = step.queries[rows].pow(2).sum(2) / count  # [n, L, Hq, D]
+            observed = energy.view(n, layers, kv_heads, -1, dim).mean(-2)
             seen = observed.flatten(1).any(-1)
             query_energy[seen] = observed[seen]
         score = query_energy * key_energy
