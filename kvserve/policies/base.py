@@ -227,6 +227,12 @@ class BudgetPolicy(Policy):
             return None
         return kv_heads * self.budget() - (kv_heads - 1) * self.head_floor()
 
+    def prefill_only_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
+        """`tokens_bound` of a policy that evicts while prefilling only: generated tokens are appended."""
+        kept = self.most_kept()  # None: adaptive, one head may take most of its layer's budget
+        total = self.prompt_tokens + max_new_tokens
+        return total if kept is None else min(total, kept + max(chunk_tokens, max_new_tokens))
+
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         # a policy does not know the model's KV heads: with `adaptive`, one head may take nearly all of
         # its layer's budget, so only the sequence's length bounds it

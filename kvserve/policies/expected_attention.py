@@ -168,9 +168,7 @@ class ExpectedAttentionPolicy(BudgetPolicy):
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         if self.params.decode:
             return super().tokens_bound(max_new_tokens, chunk_tokens)
-        kept = self.most_kept()  # None: adaptive, one head may take most of its layer's budget
-        total = self.prompt_tokens + max_new_tokens
-        return total if kept is None else min(total, kept + max(chunk_tokens, max_new_tokens))
+        return self.prefill_only_bound(max_new_tokens, chunk_tokens)
 
     def query_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return chunk_tokens  # every query of the chunk feeds the statistics

@@ -42,9 +42,7 @@ class KeyDiffPolicy(BudgetPolicy):
     def tokens_bound(self, max_new_tokens: int, chunk_tokens: int) -> int:
         if self.params.decode:
             return super().tokens_bound(max_new_tokens, chunk_tokens)
-        kept = self.most_kept()  # None: adaptive, one head may take most of its layer's budget
-        total = self.prompt_tokens + max_new_tokens
-        return total if kept is None else min(total, kept + max(chunk_tokens, max_new_tokens))
+        return self.prefill_only_bound(max_new_tokens, chunk_tokens)
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
