@@ -164,6 +164,19 @@ def test_corm_prefill_extends_the_count_over_whole_chunks_and_restarts_it_past_t
         assert kept(keep) == [2, 3, 4, 5, 6, 7]  # both counts reach the window
 
 
+def test_corm_kernel_keeps_the_neighbours_of_a_major_key_by_position():
+    # a decode query at position 9 (threshold 1/10) finds only the key at position 3 major; window 1
+    # evicts every other key outside `recent` (position 9) at once, unless kernel 3 spares position
+    # 3's neighbours 2 and 4, found by position although the slots are shuffled
+    positions = [5, 3, 9, 0, 2, 7, 4, 1, 8, 6]
+    decode_max = [0.9 if p == 3 else 0.01 for p in positions]
+    for kernel, kept_positions in ((1, [3, 9]), (3, [2, 3, 4, 9])):
+        step = make_step({"name": "corm", "window": 1, "recent": 1, "kernel": kernel}, 10,
+                         decode_max=decode_max, positions=positions)
+        keep = type(step.policies[0]).act(step)
+        assert sorted(positions[i] for i in kept(keep)) == kept_positions
+
+
 def test_snapkv_pools_window_votes_and_keeps_the_window():
     # 12 slots, window 3 (slots 9..11 always kept), budget 5: 2 more from max-pooled votes (kernel 3)
     votes = [0, 0, 0, 1.0, 0, 0, 0, 0.6, 0, 0, 0, 0]

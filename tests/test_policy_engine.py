@@ -220,32 +220,57 @@ def test_adaptive_budgets_share_each_layers_tokens_and_pages_among_its_heads(eng
             assert bool((pages(shared) < pages(plain)).any())
 
 
-def test_corm_judges_the_prompt_while_prefilling_and_never_evicts_the_recent_tokens(engine):
-    """CORM's prompt keys are judged by the prompt's own last queries chunk by chunk (256-token
-    chunks here): heads shrink before the prompt is complete, while every head keeps the newest
-    `recent` tokens after every step. With `prompt: false` only decode queries judge, so the whole
-    prompt is still held when the first token is sampled."""
+def test_corm_judges_the_prompt_at_its_end_or_chunk_by_chunk_and_never_evicts_the_recent_tokens(engine):
+    """CORM's prompt keys are judged by the prompt's own last queries: once the prompt is in by
+    default (nothing goes before), after every chunk with `chunked` (heads shrink while the prompt
+    streams in, 128-token chunks here), and never with `prompt: false` (the whole prompt is still
+    held when the first token is sampled). Every head keeps the newest `recent` tokens after every
+    step."""
     tok = engine.tokenizer
     prompt = tok(passkey_prompt(tok, 700, 0.5, seed=3).prompt)["input_ids"]
     recent = 32
-    shrunk_in_prefill = {}
-    for prompt_judged in (True, False):
-        engine.add_request("c", prompt, PARAMS, {"name": "corm", "window": 16, "recent": recent,
-                                                 "prompt": prompt_judged})
+    shrunk_before_end, shrunk_at_end = {}, {}
+    for mode in ({}, {"chunked": True}, {"prompt": False}):
+        engine.add_request("c", prompt, PARAMS, {"name": "corm", "window": 16, "recent": recent, **mode})
         seq = engine.seqs["c"]
-        held_at_prompt_end = None
+        label = str(mode)
+        shrunk_before_end[label] = False
 
         def needed(seq) -> set[int]:
             return set(range(max(0, seq.num_computed - recent), seq.num_computed))
 
-        def watch(seq=seq) -> None:
-            nonlocal held_at_prompt_end
-            if seq.row is not None and seq.num_computed == len(prompt):
-                held_at_prompt_end = engine.runner.table.lengths[seq.row].long()
+        def watch(seq=seq, label=label) -> None:
+            if seq.row is None or seq.num_computed > len(prompt):
+                return
+            lengths = engine.runner.table.lengths[seq.row].long()
+            if seq.num_computed < len(prompt):
+                shrunk_before_end[label] |= bool((lengths < seq.num_computed).any())
+            else:
+                shrunk_at_end[label] = int((lengths < len(prompt)).sum())
 
         checked, _ = run_checking_held(engine, needed, after_step=watch)
         assert checked >= PARAMS.max_tokens
-        shrunk_in_prefill[prompt_judged] = int((held_at_prompt_end < len(prompt)).sum())
-    layers, kv_heads = engine.model_config.num_layers, engine.model_config.num_kv_heads
-    assert shrunk_in_prefill[True] > layers * kv_heads // 2  # most heads freed prompt tokens before decoding
-    assert shrunk_in_prefill[False] == 0
+    heads = engine.model_config.num_layers * engine.model_config.num_kv_heads
+    assert shrunk_before_end == {"{}": False, "{'chunked': True}": True, "{'prompt': False}": False}
+    assert shrunk_at_end["{}"] > heads // 2 and shrunk_at_end["{'chunked': True}"] > heads // 2
+    assert shrunk_at_end["{'prompt': False}"] == 0
+
+
+@pytest.mark.parametrize("past_boundary", [1, 5])
+def test_snapkv_compresses_a_prompt_ending_just_past_a_chunk_boundary(engine, past_boundary):
+    """A prompt 1 or 5 tokens past a multiple of the chunk size: its last chunk is still made to hold
+    SnapKV's whole window (a 1-token chunk would be taken for a decode step and never compress)."""
+    chunk, window, budget = engine.scheduler.prefill_chunk, 16, 96
+    tok = engine.tokenizer
+    prompt = tok(passkey_prompt(tok, 3 * chunk, 0.5, seed=5).prompt)["input_ids"][: 2 * chunk + past_boundary]
+    engine.add_request("s", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                       {"name": "snapkv", "budget": budget, "window": window})
+    seq, chunks = engine.seqs["s"], []
+    while seq.num_computed < len(prompt):
+        before = seq.num_computed
+        engine.step()
+        chunks.append(seq.num_computed - before)
+    assert chunks[-1] >= window and sum(chunks) == len(prompt)
+    assert int(engine.runner.table.lengths[seq.row].max()) <= budget
+    while engine.has_unfinished():
+        engine.step()

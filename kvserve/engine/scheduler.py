@@ -4,8 +4,10 @@ Each step: every running sequence that is decoding gets its one token first; the
 sequences still prefilling get chunks; then waiting requests are admitted in queue order, each
 only when its row, its chunk and the pages its prompt will need fit. Prefill chunks end at fixed
 multiples of `prefill_chunk` tokens of their sequence, whatever else is in the batch: policies act
-after every chunk, so this keeps a request's result independent of the traffic around it. The step holds at most
-`max_num_batched_tokens` tokens and `max_num_seqs` sequences. When the pool runs out, the running
+after every chunk, so this keeps a request's result independent of the traffic around it. The
+prompt's last chunk alone starts earlier where the window its policy reads at the prompt's end
+would not fit after the last multiple. The step holds at most `max_num_batched_tokens` tokens and
+`max_num_seqs` sequences. When the pool runs out, the running
 sequence last in queue order is preempted: its pages are freed and it goes back into the queue, at
 its place, to be recomputed.
 
@@ -128,7 +130,14 @@ class Scheduler:
         return ScheduledBatch(seqs, counts)
 
     def _next_chunk(self, seq: Sequence) -> int:
-        return min(seq.num_uncomputed, self.prefill_chunk - seq.num_computed % self.prefill_chunk)
+        """Chunks end at multiples of `prefill_chunk`, but the last one starts early enough to hold
+        the prompt-end window its policy reads (and never leaves a 1-token chunk before it)."""
+        last_boundary = (seq.num_tokens - 1) // self.prefill_chunk * self.prefill_chunk
+        last_start = min(last_boundary, seq.num_tokens - min(seq.policy.prompt_end_window(), self.prefill_chunk - 1))
+        if seq.num_computed + 1 >= last_start:
+            return seq.num_uncomputed
+        boundary = (seq.num_computed // self.prefill_chunk + 1) * self.prefill_chunk
+        return min(boundary, last_start) - seq.num_computed
 
     def _footprint(self, seq: Sequence) -> int:
         """Tokens one head of `seq` holds once its prompt (or recompute) is in the cache."""

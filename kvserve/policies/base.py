@@ -176,6 +176,12 @@ class Policy:
         """How many of a prefill chunk's last queries this policy reads (`PolicyStep.queries`; 0: none)."""
         return 0
 
+    def prompt_end_window(self) -> int:
+        """How many of the prompt's last queries this policy reads in the step that completes the
+        prompt. The scheduler makes the prompt's last chunk at least that long (up to a chunk), so
+        the window never spans two chunks, whatever the prompt's length."""
+        return 0
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
         """Update `step.scores` / `step.aux` in place; return the slots to keep ([n, L, Hkv, S] bool,

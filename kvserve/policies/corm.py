@@ -5,19 +5,21 @@ holding different numbers of tokens; compaction returns whole pages to the pool 
 A key is minor for a query at position p when its attention is below 1/(p + 1) for every query
 head of its group (the max over the group is below the threshold). The paper's observation is
 that a query's attention is predicted by the queries just before it, and that holds inside the
-prompt too, so the prompt's own queries judge its keys while it is prefilled:
-- after each prefill chunk, the chunk's last `window` queries are read back (`query_window`) and
-  each key's attention under each is recomputed over what the head holds (causal within the
-  chunk); a key minor for all of them has a count of at least that many consecutive minor
-  queries (added to its count from earlier steps when they were the whole chunk), any other
-  restarts at 0 (a lower bound where only the chunk's tail was minor: a key may stay longer, never
-  go sooner);
-- each decode query extends or resets the count from the decode kernel's group max;
-- a key whose count reaches `window` goes, so a long prompt is compressed while it streams in and
-  its peak is bounded by what each chunk keeps, not by the whole prompt.
-On a passkey prompt this loses the needle (docs/benchmarks.md): its digits are minor for every
-filler query and for the question's own; `prompt: false` lets decode queries alone judge, which
-keeps it but frees nothing before `window` tokens have been generated.
+prompt too, so the prompt's own last queries judge its keys:
+- once the prompt is in, its last `window` queries (the scheduler makes the prompt's last chunk
+  hold them) are read back (`query_window`) and each key's attention under each is recomputed
+  over what the head holds; a key minor for all of them has a count of `window` and goes at once;
+- each decode query extends or resets the count from the decode kernel's group max, and a key
+  whose count reaches `window` goes;
+- `chunked`: the last `window` queries of every prefill chunk judge already, so a long prompt's
+  peak is bounded by what each chunk keeps; a key minor for all of them adds to its count when
+  they were the whole chunk, else restarts at their number (a lower bound: a key may stay longer,
+  never go sooner). Keys judged before the question is read cannot be saved by it;
+- `prompt: false`: decode queries alone judge, which frees nothing before `window` tokens have
+  been generated.
+A number's later digits draw less than 1/(p + 1) from every query of the question, so on passkey
+prompts the paper's rule keeps only the key's first digits (docs/benchmarks.md); `kernel` (odd,
+SnapKV's pooling over positions) keeps the neighbours of every major key as well.
 Our reading of the paper's open points: p + 1 is the number of keys the query would see
 uncompressed (not the current, shorter, cache length, which would raise the threshold after every
 eviction); the optional `budget` caps a head: past it, the keys minor for the longest go first.
@@ -31,6 +33,7 @@ import torch
 from pydantic import Field
 
 from kvserve.policies.base import Policy, PolicyParams, PolicyStep, keep_top
+from kvserve.policies.pooling import PoolingKernel, pool_scores
 from kvserve.policies.registry import register
 
 
@@ -39,8 +42,12 @@ class CORMParams(PolicyParams):
     window: int = Field(default=256, ge=1, description="w: consecutive minor queries before a key goes")
     recent: int = Field(default=256, ge=0, description="r: newest keys never evicted")
     budget: int | None = Field(default=None, ge=1, description="optional cap on tokens per head")
-    prompt: bool = Field(default=True, description="the prompt's own last queries judge its keys after each "
-                                                   "prefill chunk (false: decode queries only)")
+    prompt: bool = Field(default=True, description="the prompt's own last queries judge its keys once it is in "
+                                                   "(false: decode queries only)")
+    kernel: PoolingKernel = Field(default=1, description="a key next to a major one (within kernel // 2 positions) "
+                                                     "is not minor either (odd; 1: the paper)")
+    chunked: bool = Field(default=False, description="the last queries of every prefill chunk judge already "
+                                                     "(a lower peak; the prompt's end cannot save a key any more)")
 
 
 def minor_for_all(queries: torch.Tensor, query_positions: torch.Tensor, observed: torch.Tensor,
@@ -75,7 +82,11 @@ class CORMPolicy(Policy):
         return total if self.params.budget is None else min(total, self.params.budget + chunk_tokens)
 
     def query_window(self, chunk_tokens: int, prompt_done: bool) -> int:
-        return min(self.params.window, chunk_tokens) if self.params.prompt else 0
+        judging = self.params.prompt and (prompt_done or self.params.chunked)
+        return min(self.params.window, chunk_tokens) if judging else 0
+
+    def prompt_end_window(self) -> int:
+        return self.params.window if self.params.prompt and not self.params.chunked else 0
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
@@ -87,6 +98,10 @@ class CORMPolicy(Policy):
         if step.decode_max is not None:
             threshold = 1.0 / (step.newest_position[:, None, None, None] + 1)
             all_minor = torch.where(step.decoding[:, None, None, None], step.decode_max < threshold, all_minor)
+        for kernel in {p.params.kernel for p in step.policies} - {1}:
+            rows = torch.tensor([p.params.kernel == kernel for p in step.policies])
+            near_major = pool_scores((~all_minor[rows]).float(), step.held[rows], step.positions[rows], kernel) > 0
+            all_minor[rows] &= ~near_major
         # aux: how many consecutive queries found the key minor; a step that observed all its queries
         # extends the count of the steps before, one that observed its last ones only restarts it there
         whole = (observed == step.new_tokens)[:, None, None, None]

@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kvserve.policies.base import DEFAULT_RECENT, BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
-from kvserve.policies.pooling import pool_scores
+from kvserve.policies.pooling import PoolingKernel, pool_scores
 from kvserve.policies.registry import register
 
 
@@ -29,15 +29,8 @@ class H2OParams(BudgetParams):
     normalize: bool = Field(default=False, description="divide each score by the number of queries that saw the token")
     window: int | None = Field(default=None, ge=1, description="a prefill chunk adds the attention of its last "
                                                                "`window` queries only (default: all of them)")
-    kernel: int = Field(default=1, ge=1, description="rank by the score max-pooled over this many neighbouring "
-                                                     "positions (odd; 1: no pooling)")
-
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, kernel: int) -> int:
-        if kernel % 2 == 0:
-            raise ValueError("kernel must be odd")
-        return kernel
+    kernel: PoolingKernel = Field(default=1, description="rank by the score max-pooled over this many neighbouring "
+                                                        "positions (odd; 1: no pooling)")
 
 
 @register

@@ -4,8 +4,21 @@ a high-scoring one scores high too, so a kept token keeps its neighbours and a m
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
+
+
+def _odd(kernel: int) -> int:
+    if kernel % 2 == 0:
+        raise ValueError("kernel must be odd")
+    return kernel
+
+
+# a policy parameter: the pooling width, odd so that a slot is centred among its neighbours
+PoolingKernel = Annotated[int, Field(ge=1), AfterValidator(_odd)]
 
 
 def pool_scores(scores: torch.Tensor, held: torch.Tensor, positions: torch.Tensor, kernel: int,

@@ -4,7 +4,7 @@ of a group), pooled over neighbouring positions, picks `budget - window` tokens 
 window itself, and the prompt's last `recent` tokens like every budgeted policy (the window
 already covers them at its default). Prefill only: generated tokens are appended and never evicted.
 
-The window is read from the prompt's last chunk, so it spans at most that chunk."""
+The window is read from the prompt's last chunk, which the scheduler makes at least `window` long."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import torch
 from pydantic import Field
 
 from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
-from kvserve.policies.pooling import pool_scores
+from kvserve.policies.pooling import PoolingKernel, pool_scores
 from kvserve.policies.registry import register
 
 
 class SnapKVParams(BudgetParams):
     name: Literal["snapkv"] = "snapkv"
     window: int = Field(default=32, ge=1, description="observation window: the prompt's last queries")
-    kernel: int = Field(default=7, ge=1, description="pooling width over neighbouring positions (odd)")
+    kernel: PoolingKernel = Field(default=7, description="pooling width over neighbouring positions (odd)")
     pooling: Literal["max", "avg"] = "max"
 
 
@@ -39,9 +39,12 @@ class SnapKVPolicy(BudgetPolicy):
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return self.params.window if prompt_done else 0
 
+    def prompt_end_window(self) -> int:
+        return self.params.window
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
-        # compress once, at the step that completes the prompt (a 1-token last chunk has no window)
+        # compress once, at the step that completes the prompt
         acting = step.prompt_done & ~step.decoding
         if step.window is None or not bool(acting.any()):
             return None

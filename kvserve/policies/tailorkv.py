@@ -74,6 +74,9 @@ class TailorKVPolicy(Policy):
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return OBSERVED_QUERIES if prompt_done and self.params.quant_layers is None else 0
 
+    def prompt_end_window(self) -> int:
+        return OBSERVED_QUERIES if self.params.quant_layers is None else 0
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
         policies: list[TailorKVPolicy] = step.policies

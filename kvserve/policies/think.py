@@ -86,6 +86,9 @@ class ThinKPolicy(Policy):
     def query_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return self.params.window if prompt_done else 0
 
+    def prompt_end_window(self) -> int:
+        return max(self.params.window, self.base.prompt_end_window() if self.base is not None else 0)
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor:
         keep = step.held.clone()
