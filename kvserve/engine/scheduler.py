@@ -5,11 +5,10 @@ sequences still prefilling get chunks; then waiting requests are admitted in que
 only when its row, its chunk and the pages its prompt will need fit. Prefill chunks end at fixed
 multiples of `prefill_chunk` tokens of their sequence, whatever else is in the batch: policies act
 after every chunk, so this keeps a request's result independent of the traffic around it. The
-prompt's last chunk alone starts earlier where the window its policy reads at the prompt's end
-would not fit after the last multiple. The step holds at most `max_num_batched_tokens` tokens and
-`max_num_seqs` sequences. When the pool runs out, the running
-sequence last in queue order is preempted: its pages are freed and it goes back into the queue, at
-its place, to be recomputed.
+prompt's last chunk alone starts earlier where the window its policy reads at the prompt's end would
+not fit after the last multiple. The step holds at most `max_num_batched_tokens` tokens and
+`max_num_seqs` sequences. When the pool runs out, the running sequence last in queue order is
+preempted: its pages are freed and it goes back into the queue, at its place, to be recomputed.
 
 Queue order is arrival order ("fcfs"; then the victim is the most recently admitted sequence, and
 since arrival order is never overtaken nothing starves), or with the "priority" policy each

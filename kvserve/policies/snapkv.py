@@ -37,7 +37,7 @@ class SnapKVPolicy(BudgetPolicy):
         return self.prompt_tokens + max_new_tokens  # the whole prompt is held before it is compressed
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
-        return self.params.window if prompt_done else 0
+        return self.prompt_end_window() if prompt_done else 0
 
     def prompt_end_window(self) -> int:
         return self.params.window

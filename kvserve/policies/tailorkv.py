@@ -72,7 +72,7 @@ class TailorKVPolicy(Policy):
         self.quantized: torch.Tensor | None = None  # [L] bool, set when the prompt completes
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
-        return OBSERVED_QUERIES if prompt_done and self.params.quant_layers is None else 0
+        return self.prompt_end_window() if prompt_done else 0
 
     def prompt_end_window(self) -> int:
         return OBSERVED_QUERIES if self.params.quant_layers is None else 0
