@@ -11,11 +11,12 @@ import torch
 
 from kvserve.cache.page_pool import PagePool
 from kvserve.cache.record_table import RecordTable
+from kvserve.kernels import cpu_library
 from kvserve.kernels.paged_decode import merge_attention
-from kvserve.kernels.quant_decode import attend_dense, quant_decode, quant_decode_ref
+from kvserve.kernels.quant_decode import attend_dense, quant_decode, quant_decode_cpu, quant_decode_ref
 from kvserve.kernels.quant_layout import QuantLayout, pack, quantize, unpack
 from kvserve.kernels.sparse_decode import sparse_decode_ref
-from kvserve.kernels.thin_decode import thin_decode, thin_decode_ref
+from kvserve.kernels.thin_decode import thin_decode, thin_decode_cpu, thin_decode_ref
 
 SCALE = 0.2
 
@@ -62,13 +63,13 @@ def test_layout_encode_decode_is_the_quantizer() -> None:
     assert torch.allclose(v_hat, (codes.float() * step.float() + low.float()).reshape(48, 32))
 
 
-def quantized_case(bits: int, group: int, dim: int, groups_per_head: torch.Tensor, seed: int):
+def quantized_case(bits: int, group: int, dim: int, groups_per_head: torch.Tensor, seed: int, pages: int = 64):
     """Random K/V quantized into record lists; returns the tables' inputs and the dense de-quantized cache."""
     torch.manual_seed(seed)
     batch, kv_heads = groups_per_head.shape
     layout = QuantLayout(bits, group, dim)
-    pool = poisoned_pool(64, 8, dim)
-    tokens = RecordTable(pool, layout.token_bytes, batch, 1, kv_heads, 512)
+    pool = poisoned_pool(pages, 8, dim)
+    tokens = RecordTable(pool, layout.token_bytes, batch, 1, kv_heads, 1024)
     groups = RecordTable(pool, layout.group_bytes, batch, 1, kv_heads, 64)
     counts = groups_per_head * group
     keys, values = torch.randn(int(counts.sum()), dim) * 2, torch.randn(int(counts.sum()), dim)
@@ -94,7 +95,7 @@ def test_quant_decode_ref_and_triton_match_dense_attention(bits: int, group: int
     q = torch.randn(groups_per_head.shape[0], q_heads, dim)
     expected_out, expected_lse = attend_dense(q, dense_k, dense_v, lens, SCALE)
     args = (q, tokens.view, tokens.tables[:, 0], groups.view, groups.tables[:, 0], lens, layout, SCALE)
-    for out, lse in (quant_decode_ref(*args), quant_decode(*args)):
+    for out, lse in (quant_decode_ref(*args), quant_decode_cpu(*args), quant_decode(*args)):
         assert not torch.isnan(out).any()
         assert torch.allclose(out, expected_out, atol=1e-4)
         assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
@@ -106,16 +107,17 @@ def test_quant_decode_ref_and_triton_match_dense_attention(bits: int, group: int
         assert bool(torch.isinf(quant_decode_ref(*args)[1]).view(-1, lens.shape[1], group_of)[empty].all())
 
 
-def thin_case(dim: int, keep: int, counts: torch.Tensor, seed: int):
+def thin_case(dim: int, keep: int, counts: torch.Tensor, seed: int, dtype: torch.dtype = torch.float32,
+              pages: int = 64):
     torch.manual_seed(seed)
     batch, kv_heads = counts.shape
-    pool = poisoned_pool(64, 8, dim)
-    key_table = RecordTable(pool, keep * 4, batch, 1, kv_heads, 512)
-    value_table = RecordTable(pool, dim * 4, batch, 1, kv_heads, 512)
+    pool = poisoned_pool(pages, 8, dim)
+    key_table = RecordTable(pool, keep * dtype.itemsize, batch, 1, kv_heads, 1024)
+    value_table = RecordTable(pool, dim * dtype.itemsize, batch, 1, kv_heads, 1024)
     channels = torch.stack([torch.randperm(dim)[:keep].sort().values for _ in range(batch * kv_heads)])
     channels = channels.view(batch, kv_heads, keep)
     slots = max(1, int(counts.max()))
-    keys, values = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
+    keys, values = (torch.randn(batch, kv_heads, slots, dim).to(dtype) for _ in range(2))
     held = torch.arange(slots) < counts[..., None]
     thin = keys.gather(-1, channels[:, :, None, :].expand(-1, -1, slots, -1))
     fill(key_table, counts, thin[held].contiguous().view(torch.uint8))
@@ -137,9 +139,50 @@ def test_thin_decode_equals_attention_with_pruned_channels_near_zero(dim: int, k
     expected_out, expected_lse = attend_dense(q, zeroed, values, lens, SCALE)
     args = (q, channels, key_table.view, key_table.tables[:, 0], value_table.view, value_table.tables[:, 0], lens,
             SCALE)
-    for out, lse in (thin_decode_ref(*args), thin_decode(*args)):
+    for out, lse in (thin_decode_ref(*args), thin_decode_cpu(*args), thin_decode(*args)):
         assert not torch.isnan(out).any()
         assert torch.allclose(out, expected_out, atol=1e-4)
+        finite = torch.isfinite(expected_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert torch.allclose(lse[finite], expected_lse[finite], atol=1e-4)
+
+
+def bf16_bound(out: torch.Tensor) -> float:
+    """A bfloat16 output's rounding: half a unit in the last place of its largest element (2^-9
+    relative), twice over for the products' float32 order."""
+    return float(out.abs().max()) * 2**-8
+
+
+@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_tier_kernels_match_their_references_at_model_head_sizes(dim: int, dtype: torch.dtype) -> None:
+    """The compiled KIVI and ThinK decode kernels against the torch references, for every bit width, over
+    NaN-poisoned pools, with heads that hold nothing, one group, and several half pages of records."""
+    if not cpu_library.available():
+        pytest.fail("the compiled CPU kernels did not build: no C++ compiler on this machine")
+    groups_per_head = torch.tensor([[0, 1, 9], [4, 0, 2]])
+    q = torch.randn(2, 9, dim).to(dtype)
+    group = 32 if dim % 32 == 0 else 16  # a value scale's channels must tile the head
+    for bits in (1, 2, 4, 8):
+        layout, tokens, groups, lens, _, _ = quantized_case(bits, group, dim, groups_per_head, bits, pages=200)
+        args = (q, tokens.view, tokens.tables[:, 0], groups.view, groups.tables[:, 0], lens, layout, SCALE)
+        (out, lse), (expected_out, expected_lse) = quant_decode_cpu(*args), quant_decode_ref(*args)
+        assert not torch.isnan(out).any()
+        # float32: the reference's products in another order (~1e-6 of values of ~1); bfloat16: its rounding
+        bound = 1e-5 if dtype == torch.float32 else bf16_bound(expected_out)
+        assert (out.float() - expected_out.float()).abs().max() <= bound, bits
+        finite = torch.isfinite(expected_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert torch.allclose(lse[finite], expected_lse[finite], atol=1e-5)
+    counts = torch.tensor([[0, 1, 75], [33, 0, 130]])  # odd lengths, several half pages of 16-64 records
+    for keep in (dim // 2, dim - 3):
+        channels, key_table, value_table, _, _ = thin_case(dim, keep, counts, keep, dtype, pages=200)
+        args = (q, channels, key_table.view, key_table.tables[:, 0], value_table.view, value_table.tables[:, 0],
+                counts.to(torch.int32), SCALE)
+        (out, lse), (expected_out, expected_lse) = thin_decode_cpu(*args), thin_decode_ref(*args)
+        assert not torch.isnan(out).any()
+        bound = 1e-5 if dtype == torch.float32 else bf16_bound(expected_out)
+        assert (out.float() - expected_out.float()).abs().max() <= bound, keep
         finite = torch.isfinite(expected_lse)
         assert torch.equal(torch.isfinite(lse), finite)
         assert torch.allclose(lse[finite], expected_lse[finite], atol=1e-4)

@@ -1,6 +1,7 @@
-"""The compiled CPU path: the K/V store, decode attention and bfloat16 prefill attention in compiled
-kernels, which read keys and values where they lie in the pages instead of gathering a copy per
-step. The compressed tiers have no compiled kernels: they run their torch references."""
+"""The compiled CPU path: the K/V store, decode attention, bfloat16 prefill attention and decode over
+the quantized (KIVI) and thin-key (ThinK) tiers in compiled kernels, which read keys and values
+where they lie in the pages instead of gathering a copy per step. The host tier (TailorKV's top-k
+read) runs its torch reference."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ from kvserve.attention.registry import register
 from kvserve.kernels import cpu_library
 from kvserve.kernels.paged_decode import paged_decode_cpu
 from kvserve.kernels.paged_prefill import paged_prefill_cpu
-from kvserve.kernels.quant_decode import quant_decode_ref
+from kvserve.kernels.quant_decode import quant_decode_cpu
 from kvserve.kernels.sparse_decode import sparse_decode_ref
 from kvserve.kernels.store_kv import store_kv_cpu
-from kvserve.kernels.thin_decode import thin_decode_ref
+from kvserve.kernels.thin_decode import thin_decode_cpu
 
 
 @register
 class CPUBackend(AttentionBackend):
     name = "cpu"
-    quant_kernel = staticmethod(quant_decode_ref)
-    thin_kernel = staticmethod(thin_decode_ref)
+    quant_kernel = staticmethod(quant_decode_cpu)
+    thin_kernel = staticmethod(thin_decode_cpu)
     host_kernel = staticmethod(sparse_decode_ref)
 
     def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> None:

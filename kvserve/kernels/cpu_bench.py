@@ -21,6 +21,17 @@ in place) against torch's SDPA over the same keys and values laid out contiguous
 the gather is not timed). Each side cycles through copies of its cache, as the linear section does
 through its weights. Per case it prints the median time of each, the GB/s of keys and values read
 (the bytes that must be read, over the time), the speedup and our share of the read bandwidth.
+
+`tiers [--context 6000] [--batch 16] [--bits 2 4 8] [--channel-ratio 0.5]`: one decode step's
+attention for one layer over compressed tiers, against full precision, for the default model's (or
+`--model`'s) heads and Llama-3-8B's, in float32. Full: paged decode over the whole context. KIVI:
+the context but its newest 128 tokens quantized (quant_decode_cpu, in whole 32-token key groups),
+those 128 at full precision (paged_decode_cpu), merged by log-sum-exp, as a KIVI request attends.
+ThinK: all but the newest 32 tokens with `channel_ratio` of their key channels pruned
+(thin_decode_cpu), the 32 at full width, merged likewise. Records lie in pages in random order, and
+each case cycles through copies of its cache. Per case it prints the median time of the compiled
+kernels and of their torch references (the CPU path before the kernels: quant_decode_ref,
+thin_decode_ref), the bytes each kernel must read, and the ratio to full's time from the same run.
 """
 
 from __future__ import annotations
@@ -32,13 +43,17 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from kvserve.kernels import cpu_library, f32_linear, roofline
-from kvserve.kernels.paged_decode import gather_pages, paged_decode_cpu
+from kvserve.kernels.paged_decode import gather_pages, merge_attention, paged_decode_cpu
 from kvserve.kernels.pointwise import silu_mul
+from kvserve.kernels.quant_decode import quant_decode_cpu, quant_decode_ref
+from kvserve.kernels.quant_layout import QuantLayout
+from kvserve.kernels.thin_decode import thin_decode_cpu, thin_decode_ref
 from kvserve.model.config import ModelConfig
 from kvserve.model.loader import resolve_model
 
@@ -254,10 +269,161 @@ def decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="whose heads besides Llama-3-8B's (default: the built-in model)")
 
 
+# KIVI's defaults (policies/kivi.py): tokens per key group and the newest tokens kept at full precision;
+# ThinK's window (policies/think.py): the newest tokens kept at full width
+KIVI_GROUP, KIVI_RESIDUAL, THINK_WINDOW = 32, 128, 32
+
+
+def record_lists(batch: int, kv_heads: int, lists: list[tuple[int, int]], half_bytes: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One pool of random bytes and, for each (records, record_bytes) of `lists`, its records' view
+    (`PagePool.records`' layout) and [B, Hkv, P] tables giving every (sequence, KV head) that many
+    records, the lists' pages disjoint and in random order."""
+    pages = [-(-records // (2 * (half_bytes // record_bytes))) for records, record_bytes in lists]
+    num_pages = batch * kv_heads * sum(pages)
+    storage = torch.randint(0, 256, (2 * num_pages * half_bytes,), dtype=torch.uint8)
+    order = torch.randperm(num_pages).to(torch.int32)
+    result, taken = [], 0
+    for (_, record_bytes), count in zip(lists, pages):
+        per_half = half_bytes // record_bytes
+        view = storage.as_strided((2 * num_pages, per_half, record_bytes), (half_bytes, record_bytes, 1))
+        tables = order[taken:taken + batch * kv_heads * count].view(batch, kv_heads, count)
+        result.append((view, tables))
+        taken += batch * kv_heads * count
+    return result
+
+
+def with_scales(view: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Overwrite bytes [start, start + 2 * count) of every record with float16 scales in [0, 0.1)."""
+    view[:, :, start:start + 2 * count] = (torch.rand(*view.shape[:2], count) * 0.1).half().view(torch.uint8)
+    return view
+
+
+@dataclass
+class TierCase:
+    """One step over one layer for a geometry and batch: every copy's full-precision pages for the newest
+    tokens and its tier's records for the rest. `attend(call, kernels)` runs both and merges them."""
+
+    q: torch.Tensor
+    recent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # k_pages, v_pages, tables
+    recent_lens: torch.Tensor
+    tier: list[tuple]  # the tier kernel's arguments after q
+    tier_bytes: int
+    scale: float
+
+    def attend(self, call: int, kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        k_pages, v_pages, tables = self.recent[call % len(self.recent)]
+        out, lse, _ = paged_decode_cpu(self.q, k_pages, v_pages, tables, self.recent_lens, self.scale)
+        part_out, part_lse = kernel(self.q, *self.tier[call % len(self.tier)])
+        return merge_attention(out, lse, part_out, part_lse)[0]
+
+
+def paged_copy(batch: int, kv_heads: int, dim: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pages = -(-context // DECODE_BLOCK_SIZE)
+    num_pages = batch * kv_heads * pages
+    k_pages, v_pages = (torch.randn(num_pages, DECODE_BLOCK_SIZE, dim) for _ in range(2))
+    return k_pages, v_pages, torch.randperm(num_pages).to(torch.int32).view(batch, kv_heads, pages)
+
+
+def tier_case(q: torch.Tensor, kv_heads: int, recent: int, tier_len: int, copies: int,
+              tier_copy: Callable[[], tuple], tier_bytes: int) -> TierCase:
+    batch, _, dim = q.shape
+    return TierCase(q, [paged_copy(batch, kv_heads, dim, recent) for _ in range(copies)],
+                    torch.full((batch, kv_heads), recent, dtype=torch.int32),
+                    [tier_copy() for _ in range(copies)], tier_bytes, dim**-0.5)
+
+
+def kivi_case(q: torch.Tensor, kv_heads: int, context: int, bits: int, copies: int) -> TierCase:
+    batch, _, dim = q.shape
+    quantized = (context - KIVI_RESIDUAL) // KIVI_GROUP * KIVI_GROUP
+    layout = QuantLayout(bits, KIVI_GROUP, dim)
+    half_bytes = DECODE_BLOCK_SIZE * dim * 4
+    lens = torch.full((batch, kv_heads), quantized, dtype=torch.int32)
+
+    def tier_copy() -> tuple:
+        (tokens, token_tables), (groups, group_tables) = record_lists(
+            batch, kv_heads, [(quantized, layout.token_bytes), (quantized // KIVI_GROUP, layout.group_bytes)],
+            half_bytes)
+        # the scales of both lists: each write covers every record slot of the pool, whatever list holds it
+        with_scales(tokens, 2 * layout.code_bytes, 2 * layout.value_groups)
+        with_scales(groups, 0, 2 * dim)
+        return tokens, token_tables, groups, group_tables, lens, layout, dim**-0.5
+
+    tier_bytes = batch * kv_heads * (quantized * layout.token_bytes + quantized // KIVI_GROUP * layout.group_bytes)
+    return tier_case(q, kv_heads, context - quantized, quantized, copies, tier_copy, tier_bytes)
+
+
+def think_case(q: torch.Tensor, kv_heads: int, context: int, channel_ratio: float, copies: int) -> TierCase:
+    batch, _, dim = q.shape
+    keep = dim - int(channel_ratio * dim)
+    thin = context - THINK_WINDOW
+    half_bytes = DECODE_BLOCK_SIZE * dim * 4
+    lens = torch.full((batch, kv_heads), thin, dtype=torch.int32)
+    channels = torch.stack([torch.randperm(dim)[:keep].sort().values for _ in range(batch * kv_heads)])
+    channels = channels.view(batch, kv_heads, keep)
+
+    def tier_copy() -> tuple:
+        (keys, key_tables), (values, value_tables) = record_lists(
+            batch, kv_heads, [(thin, keep * 4), (thin, dim * 4)], half_bytes)
+        values.view(torch.float32).copy_(torch.randn(values.shape[0], values.shape[1], dim))
+        return channels, keys, key_tables, values, value_tables, lens, dim**-0.5
+
+    return tier_case(q, kv_heads, THINK_WINDOW, thin, copies, tier_copy, batch * kv_heads * thin * (keep + dim) * 4)
+
+
+def bench_tiers(args: argparse.Namespace) -> int:
+    if not cpu_library.available():
+        print("the compiled CPU kernels are not available here (no compiler, or KVSERVE_CPU_KERNELS=0)")
+        return 1
+    cfg = ModelConfig.from_folder(resolve_model(args.model))
+    print_header()
+    context, batch = args.context, args.batch
+    print(f"\none layer's decode attention, float32, context {context}, batch {batch}")
+    print(f"{'heads q/kv/dim':<16}{'cache':<12}{'MB read':>9}{'ours ms':>10}{'torch ms':>10}{'speedup':>9}"
+          f"{'vs full':>9}")
+    for q_heads, kv_heads, dim in [(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), LARGE_DECODE_HEADS]:
+        geometry = f"{q_heads}/{kv_heads}/{dim}"
+        q = torch.randn(batch, q_heads, dim)
+        full_bytes = 2 * batch * kv_heads * context * dim * 4
+        full = DecodeCase.build(q_heads, kv_heads, dim, torch.float32, context, batch,
+                                max(1, min(math.ceil(WORKING_SET_BYTES / full_bytes), 4)))
+        builders = {f"kivi-{bits}": (partial(kivi_case, q, kv_heads, context, bits), quant_decode_cpu, quant_decode_ref)
+                    for bits in args.bits}
+        builders[f"think-{args.channel_ratio:g}"] = (partial(think_case, q, kv_heads, context, args.channel_ratio),
+                                                      thin_decode_cpu, thin_decode_ref)
+        print(f"{geometry:<16}{'full':<12}{full_bytes / 1e6:>9.1f}")
+        for name, (build, ours, reference) in builders.items():
+            # as many copies as fill the working set, as full's do
+            case = build(1)
+            case = build(max(1, min(math.ceil(WORKING_SET_BYTES / case.tier_bytes), 16)))
+            fns = [full.ours, partial(case.attend, kernel=ours), partial(case.attend, kernel=reference)]
+            full_t, ours_t, ref_t = samples(fns, calls_per_sample(fns))
+            t_full, t_ours, t_ref = (statistics.median(x) for x in (full_t, ours_t, ref_t))
+            ratio = statistics.median(o / f for o, f in zip(ours_t, full_t))
+            print(f"{geometry:<16}{name:<12}{case.tier_bytes / 1e6:>9.1f}{t_ours * 1e3:>10.3f}{t_ref * 1e3:>10.3f}"
+                  f"{t_ref / t_ours:>8.2f}x{ratio:>8.2f}x   (full {t_full * 1e3:.3f} ms)")
+            del case
+        del full
+    print(f"\nmedians of {SAMPLES} alternating samples of >= {SAMPLE_S * 1e3:.0f} ms; MB read: the tier's records "
+          "(full: its keys and values); ours / torch: the tier's compiled kernel / torch reference, plus paged "
+          "decode over the newest tokens at full precision and the merge; speedup: torch's time over ours; "
+          "vs full: ours over full's time in the same samples (median of adjacent pairs)")
+    return 0
+
+
+def tiers_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context", type=int, default=6000, help="tokens held by every (sequence, KV head)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences in the step")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8], choices=[1, 2, 4, 8])
+    parser.add_argument("--channel-ratio", type=float, default=0.5, help="ThinK's pruned share of key channels")
+    parser.add_argument("--model", default=None, help="whose heads besides Llama-3-8B's (default: the built-in model)")
+
+
 # name: (help, adds its arguments, runs it and returns the exit status)
 SECTIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "linear": ("float32 projections: ours vs torch's GEMM", linear_args, bench_linear),
     "decode": ("paged decode attention: ours vs torch's SDPA", decode_args, bench_decode),
+    "tiers": ("decode attention over KIVI and ThinK tiers vs full precision", tiers_args, bench_tiers),
 }
 
 

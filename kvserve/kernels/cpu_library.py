@@ -58,6 +58,10 @@ SIGNATURES = {
     "kv_f32_packed_floats": [_i64, _i64, _i32],
     "kv_f32_pack": [_ptr, _i64, _i64, _i32, _ptr, _i32],
     "kv_f32_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i32, _ptr, _i32],
+    "kv_thin_decode": [_i32, _ptr, _i64, _ptr, _i64, _i64, _i32, _ptr, _ptr, _ptr, _i64, _i64, _i32, _i32, _i32,
+                       _i32, _f32, _ptr, _ptr, _i32],
+    "kv_quant_decode": [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr,
+                        _ptr, _i32],
     "kv_fma_peak": [_i32],
     "kv_copy_bandwidth": [_i64, _i32],
     "kv_read_bandwidth": [_i64, _i32],
@@ -162,6 +166,23 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = RESULT_TYPES.get(name)
     return lib
+
+
+class RecordTables(ctypes.Structure):
+    """One layer's record lists as the kernels take them (`kv::RecordTables` in csrc/decode_tiles.h):
+    a `PagePool.records` view and its [B, Hkv, P] int32 page tables."""
+
+    _fields_ = [("pool", _ptr), ("half_bytes", _i64), ("per_half", _i64), ("record_bytes", _i64),
+                ("num_pages", _i64), ("tables", _ptr), ("table_stride_b", _i64), ("table_stride_h", _i64)]
+
+
+def record_tables(view: torch.Tensor, tables: torch.Tensor) -> tuple[RecordTables, torch.Tensor]:
+    """The RecordTables of `view` [2N, per_half, R] uint8 and `tables` [B, Hkv, P], and the int32 tables
+    it points into (keep them alive for the call)."""
+    tables = tables.to(torch.int32)
+    tables = tables if tables.stride(2) == 1 else tables.contiguous()
+    return RecordTables(view.data_ptr(), view.stride(0), view.shape[1], view.stride(1), view.shape[0] // 2,
+                        tables.data_ptr(), tables.stride(0), tables.stride(1)), tables
 
 
 def available() -> bool:

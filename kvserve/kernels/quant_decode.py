@@ -8,16 +8,20 @@ Shapes (B sequences, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head_dim):
 returns out [B, Hq, D] (zero where a head holds none) and lse [B, Hq] float32 (-inf there), to be
 merged with the attention over the full-precision residual (`merge_attention`).
 
-`quant_decode_ref` is the torch reference (the CPU path), `quant_decode` the Triton kernel, which
-de-quantizes tile by tile in registers.
+`quant_decode_ref` is the torch reference, `quant_decode_cpu` the compiled CPU kernel
+(kernels/csrc/quant_decode.cpp) and `quant_decode` the Triton kernel; both kernels read the codes
+where they lie and de-quantize in registers.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import triton
 import triton.language as tl
 
+from kvserve.kernels import cpu_library
 from kvserve.kernels.quant_layout import QuantLayout
 from kvserve.kernels.records import list_addresses, read_records
 from kvserve.kernels.tile_attention import LOG2E, record_offset, softmax_tile, store_partial
@@ -51,6 +55,29 @@ def quant_decode_ref(q: torch.Tensor, token_view: torch.Tensor, token_tables: to
                                                      group_view.shape[1], num_pages))
     keys, values = layout.decode(tokens, groups)
     return attend_dense(q, keys, values, lens, scale)
+
+
+def quant_decode_cpu(q: torch.Tensor, token_view: torch.Tensor, token_tables: torch.Tensor,
+                     group_view: torch.Tensor, group_tables: torch.Tensor, lens: torch.Tensor,
+                     layout: QuantLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quant_decode_ref`'s contract by the compiled kernel; the reference where the kernels cannot
+    take the case (no compiler, q neither float32 nor bfloat16, a head size not a multiple of 8)."""
+    code = cpu_library.dtype_code(q)
+    if code is None or layout.head_dim % 8 or not token_view.is_cpu:
+        return quant_decode_ref(q, token_view, token_tables, group_view, group_tables, lens, layout, scale)
+    batch, q_heads, dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    tokens, token_tables = cpu_library.record_tables(token_view, token_tables)
+    groups, group_tables = cpu_library.record_tables(group_view, group_tables)
+    lens = lens.to(torch.int32)
+    out = torch.empty(batch, q_heads, dim, dtype=q.dtype)
+    lse = torch.empty(batch, q_heads, dtype=torch.float32)
+    cpu_library.library().kv_quant_decode(
+        code, q.data_ptr(), q.stride(0), ctypes.byref(tokens), ctypes.byref(groups), lens.data_ptr(), lens.stride(0),
+        lens.stride(1), batch, q_heads, token_tables.shape[1], dim, layout.bits, layout.group_size, scale,
+        out.data_ptr(), lse.data_ptr(), cpu_library.threads())
+    return out, lse
 
 
 @triton.jit

@@ -13,15 +13,19 @@ Shapes (B sequences, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head_dim, K 
 returns out [B, Hq, D] (zero where a head holds none) and lse [B, Hq] float32 (-inf there), to be
 merged with the attention over the full-width tokens (`merge_attention`).
 
-`thin_decode_ref` is the torch reference (the CPU path), `thin_decode` the Triton kernel.
+`thin_decode_ref` is the torch reference, `thin_decode_cpu` the compiled CPU kernel
+(kernels/csrc/thin_decode.cpp) and `thin_decode` the Triton kernel.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import triton
 import triton.language as tl
 
+from kvserve.kernels import cpu_library
 from kvserve.kernels.quant_decode import attend_dense
 from kvserve.kernels.records import list_addresses, read_records
 from kvserve.kernels.tile_attention import LOG2E, record_offset, softmax_tile, store_partial
@@ -40,6 +44,31 @@ def thin_decode_ref(q: torch.Tensor, channels: torch.Tensor, key_view: torch.Ten
     group = q_heads // kv_heads
     q_thin = q.view(batch, kv_heads, group, dim).gather(-1, channels[:, :, None, :].expand(-1, -1, group, keep))
     return attend_dense(q_thin.reshape(batch, q_heads, keep), keys, values.view(q.dtype), lens, scale)
+
+
+def thin_decode_cpu(q: torch.Tensor, channels: torch.Tensor, key_view: torch.Tensor, key_tables: torch.Tensor,
+                    value_view: torch.Tensor, value_tables: torch.Tensor, lens: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`thin_decode_ref`'s contract by the compiled kernel; the reference where the kernels cannot take
+    q's dtype or find no compiler."""
+    code = cpu_library.dtype_code(q)
+    if code is None or not key_view.is_cpu:
+        return thin_decode_ref(q, channels, key_view, key_tables, value_view, value_tables, lens, scale)
+    batch, q_heads, dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    channels = channels.to(torch.int64)
+    channels = channels if channels.stride(2) == 1 else channels.contiguous()
+    keys, key_tables = cpu_library.record_tables(key_view, key_tables)
+    values, value_tables = cpu_library.record_tables(value_view, value_tables)
+    lens = lens.to(torch.int32)
+    out = torch.empty(batch, q_heads, dim, dtype=q.dtype)
+    lse = torch.empty(batch, q_heads, dtype=torch.float32)
+    cpu_library.library().kv_thin_decode(
+        code, q.data_ptr(), q.stride(0), channels.data_ptr(), channels.stride(0), channels.stride(1),
+        channels.shape[2], ctypes.byref(keys), ctypes.byref(values), lens.data_ptr(), lens.stride(0), lens.stride(1),
+        batch, q_heads, channels.shape[1], dim, scale, out.data_ptr(), lse.data_ptr(), cpu_library.threads())
+    return out, lse
 
 
 @triton.jit

@@ -34,6 +34,24 @@ template <> inline bf16 from_f32<bf16>(float x) {
     return static_cast<bf16>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
+// an IEEE half (the compressed records' scales) as float32, subnormals included: one F16C
+// instruction where the CPU has it (every AVX2 one)
+static inline float half_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    if (exponent == 0) {
+        const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+        return sign ? -magnitude : magnitude;
+    }
+    const uint32_t bits = exponent == 31 ? sign | 0x7f800000u | (mantissa << 13)
+                                         : sign | ((exponent + 112) << 23) | (mantissa << 13);
+    return __builtin_bit_cast(float, bits);
+#endif
+}
+
 // exp for x <= 88 through 2^(x log2 e): a degree-6 polynomial on [-0.5, 0.5] and the exponent bits;
 // relative error ~2e-7, and unlike libm's expf the compiler vectorises it
 static inline float fast_exp(float x) {
