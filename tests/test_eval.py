@@ -127,6 +127,12 @@ def test_a_compressing_policy_runs_more_sequences_at_once_than_full(engine):
     assert full.output_tokens == h2o.output_tokens == 6 * 8
     assert 1 <= full.max_running < h2o.max_running
     assert full.tok_s_at_max > 0 and h2o.tok_s_at_max > 0
+    for result in results:  # every request's first token, later tokens and KV, once
+        assert len(result.ttft) == len(result.tpot) == len(result.kv_peak_bytes) == 6
+        assert 0 < min(result.ttft) <= max(result.ttft) < result.seconds and min(result.tpot) > 0
+    # full holds its whole cache at its peak; H2O at a quarter holds less
+    assert max(full.kv_peak_bytes) == full.kv_full_bytes
+    assert max(h2o.kv_peak_bytes) < full.kv_full_bytes == h2o.kv_full_bytes
     assert engine.runner.pool.pages_free == engine.runner.pool.capacity
 
 

@@ -46,6 +46,9 @@ def per_sequence_windows(window: int | torch.Tensor, batch: int) -> torch.Tensor
 # torch's CPU flash attention runs query and key lengths that are not multiples of 32 up to 3x slower
 # in bfloat16 (226 tokens, causal: 1.41 ms, 224: 0.42 ms, 256: 0.51 ms); float32 gains a little too
 SDPA_ALIGN = 32
+# observed queries per tile of explicit probabilities: small enough that a tile's [Hkv, G, tile, slots]
+# logits stay in cache between the softmax and the products that read them
+OBSERVE_TILE = 64
 
 
 def _zero_pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -87,16 +90,22 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
             visible = (torch.arange(padded_slots, device=q.device)
                        < first_new + torch.arange(padded_n, device=q.device)[:, None] + 1)
         if width:
-            # the observed queries' probabilities, explicitly; when they are the whole chunk they give
-            # the attention output too, so the chunk is not attended twice
-            q_win = (queries[0, :, n - width:] * scale).reshape(kv_heads, group * width, -1)
-            logits = torch.matmul(q_win, keys[0].transpose(-1, -2)).float().view(kv_heads, group, width, longest)
-            logits.masked_fill_(~visible[:, None, n - width:n, :longest], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            window_scores[b, :, :longest] = probs.sum(dim=(1, 2))
+            # the observed queries' probabilities, explicitly, OBSERVE_TILE queries at a time (a tile's
+            # logits stay in cache, and each tile reads only the keys its queries can see); when they
+            # are the whole chunk they give the attention output too, so the chunk is not attended twice
+            q_win = (queries[0, :, n - width:] * scale).view(kv_heads, group, width, -1)
+            first_new_max = longest - n
+            for t0 in range(0, width, OBSERVE_TILE):
+                t1 = min(width, t0 + OBSERVE_TILE)
+                seen = min(longest, first_new_max + n - width + t1)  # slots the tile's last query sees
+                logits = torch.matmul(q_win[:, :, t0:t1], keys[0, :, None, :seen].transpose(-1, -2)).float()
+                logits.masked_fill_(~visible[:, None, n - width + t0:n - width + t1, :seen], float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                window_scores[b, :, :seen] += probs.sum(dim=(1, 2))
+                if width == n:
+                    attn = torch.matmul(probs.to(values.dtype), values[0, :, None, :seen])
+                    out[lo + t0:lo + t1] = attn.reshape(q_heads, t1 - t0, -1).transpose(0, 1)
         if width == n:
-            attn = torch.matmul(probs.view(kv_heads, group * n, longest).to(values.dtype), values[0])
-            out[lo:hi] = attn.view(q_heads, n, -1).transpose(0, 1)
             continue
         queries = _zero_pad_tokens(queries, padded_n)
         keys, values = _zero_pad_tokens(keys, padded_slots), _zero_pad_tokens(values, padded_slots)
