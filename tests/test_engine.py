@@ -126,14 +126,23 @@ def test_bfloat16_batch_invariance_on_amx(invariance_prompts):
     assert bf16.runner.pool.pages_free == bf16.runner.pool.capacity
 
 
-def test_preemption_completes_with_same_tokens(invariance_prompts, alone):
-    # room for about two of the longest prompts at once: the scheduler must preempt and recompute
+def test_preemption_completes_with_same_tokens(engine, invariance_prompts, alone):
+    # room for about two of the longest prompts at once: admission stages the prefills, so no
+    # sequence is preempted, and the batch gives each request's tokens alone
     small = LLMEngine(EngineConfig(kv_cache_memory=4000 * 30 * 3 * 2 * 64 * 4, max_num_batched_tokens=512,
                                    max_num_seqs=16))
     assert small.generate(invariance_prompts, GREEDY) == alone
-    assert small.scheduler.num_preemptions > 0
-    small.runner.check_invariants(live_rows=[])
-    assert small.runner.pool.pages_free == small.runner.pool.capacity
+    assert small.scheduler.num_preemptions == 0
+    # room for about one: 64 tokens of decode growth outrun the headroom admission keeps, the
+    # scheduler must preempt and recompute, and the tokens are still each request's alone
+    prompts, longer = invariance_prompts[:6], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    tight = LLMEngine(EngineConfig(kv_cache_memory=1700 * 30 * 3 * 2 * 64 * 4, max_num_batched_tokens=512,
+                                   max_num_seqs=16))
+    assert tight.generate(prompts, longer) == [engine.generate([p], longer)[0] for p in prompts]
+    assert tight.scheduler.num_preemptions > 0
+    for run in (small, tight):
+        run.runner.check_invariants(live_rows=[])
+        assert run.runner.pool.pages_free == run.runner.pool.capacity
 
 
 def test_passkey_full_cache(engine):

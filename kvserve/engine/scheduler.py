@@ -2,7 +2,10 @@
 
 Each step: every running sequence that is decoding gets its one token first; then running
 sequences still prefilling get chunks; then waiting requests are admitted in queue order, each
-only when its row, its chunk and the pages its prompt will need fit. Prefill chunks end at fixed
+only when its row, its chunk and the pages its prompt will need fit beside the pages promised to the
+sequences still prefilling. A sequence whose policy compresses its prompt once it is in holds the
+whole prompt only while prefilling, so memory holds one or two prompts at full size beside many
+compressed sequences. Prefill chunks end at fixed
 multiples of `prefill_chunk` tokens of their sequence, whatever else is in the batch: policies act
 after every chunk, so this keeps a request's result independent of the traffic around it. The
 prompt's last chunk alone starts earlier where the window its policy reads at the prompt's end would
@@ -107,16 +110,20 @@ class Scheduler:
             counts.append(chunk)
             budget -= chunk
 
+        promised = self._promised_pages()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.table.rows_free:
             seq = self.waiting[0]
             chunk = self._next_chunk(seq)
             if chunk > budget:
                 break
-            # admit only when the whole remaining prompt's pages are free, beyond one page per head
-            # of headroom for every running sequence's next decode steps
+            # admit only when the pages its prompt will hold are free beside those promised to the
+            # sequences still prefilling, with one page per head of headroom for every running
+            # sequence's next decode steps: prefills are staged, never admitted to evict each other
+            footprint = self.pages_for_tokens(self._footprint(seq))
             headroom = self._heads * (len(self.running) + 1)
-            if self.pages_for_tokens(self._footprint(seq)) + headroom > self.table.pool.pages_free:
+            if footprint + promised + headroom > self.table.pool.pages_free:
                 break
+            promised += footprint
             self.waiting.popleft()
             seq.row = self.table.acquire_row()
             seq.status = Status.RUNNING
@@ -137,6 +144,15 @@ class Scheduler:
             return seq.num_uncomputed
         boundary = (seq.num_computed // self.prefill_chunk + 1) * self.prefill_chunk
         return min(boundary, last_start) - seq.num_computed
+
+    def _promised_pages(self) -> int:
+        """Pages the running sequences still prefilling will take before their prompts are in: what
+        each will hold then (its footprint) beyond what it holds now."""
+        prefilling = [s for s in self.running if s.num_uncomputed > 1]
+        if not prefilling:
+            return 0
+        held = self.table.pages_held(torch.tensor([s.row for s in prefilling])).tolist()
+        return sum(max(0, self.pages_for_tokens(self._footprint(s)) - h) for s, h in zip(prefilling, held))
 
     def _footprint(self, seq: Sequence) -> int:
         """Tokens one head of `seq` holds once its prompt (or recompute) is in the cache."""

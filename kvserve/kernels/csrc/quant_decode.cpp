@@ -15,10 +15,29 @@
 
 namespace kv {
 
+// The order the kernel reads a record's channels in, 8 float32 lanes at a time. Natural: vector i holds
+// channels 8i .. 8i + 7. Blocked, where the codes come in whole 8-byte blocks and a byte holds
+// P = 8 / bits codes: block k's 8 bytes are widened once, and vector k * P + s takes the s-th code of
+// each, so its lane l holds channel (8k + l) * P + s: a shift and a mask per vector instead of a
+// broadcast and a variable shift. The order is the query's for the keys (it is permuted to match)
+// and the output's for the values (it is permuted back); values take it only where each vector's
+// channels share one value scale.
 struct QuantShape {
+#if defined(__AVX2__) && defined(__FMA__)
+    static constexpr bool kCanBlock = true;
+#else
+    static constexpr bool kCanBlock = false;  // the scalar loops read the natural order
+#endif
     int bits, group_size, dim, channel_group;
     int code_bytes() const { return dim * bits / 8; }
     int value_groups() const { return dim / channel_group; }
+    int per_byte() const { return 8 / bits; }
+    bool keys_blocked() const { return kCanBlock && bits < 8 && code_bytes() % 8 == 0; }
+    bool values_blocked() const { return keys_blocked() && per_byte() <= 4 && channel_group % (8 * per_byte()) == 0; }
+    // the channel in lane l of vector i
+    int channel(int i, int l, bool blocked) const {
+        return blocked ? (8 * (i / per_byte()) + l) * per_byte() + i % per_byte() : 8 * i + l;
+    }
 };
 
 // n halves as float32, 8 at a time where the CPU has F16C
@@ -54,11 +73,21 @@ static inline __m256 codes8(const uint8_t* packed, int c) {
     }
 }
 
+// block k of packed codes (bytes 8k .. 8k + 7) as 8 int32 lanes, and the s-th code of each as float32
+static inline __m256i code_block(const uint8_t* packed, int k) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + 8 * k)));
+}
+
+template <int BITS>
+static inline __m256 block_codes(__m256i block, int s) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(block, s * BITS), _mm256_set1_epi32((1 << BITS) - 1)));
+}
+
 // logits[g * stride + j] = scaled[g] . code_j + bias[g] for H heads and `count` token records
 // `record_bytes` apart (key codes first), 8 tokens at a time finished by one transposing sum. Up to 6
 // heads take two tokens per step, each code chunk widened once for the H heads: twice the independent
 // FMA chains, whose latency would otherwise bound the loop.
-template <int H, int BITS, int DIM>
+template <int H, int BITS, int DIM, bool BLOCKED>
 static inline void group_logits(const float* __restrict scaled, const float* bias, const uint8_t* records,
                                 int64_t count, int64_t record_bytes, int dim, int64_t stride, float* logits) {
     constexpr int K = H <= 6 ? 2 : 1;
@@ -74,12 +103,28 @@ static inline void group_logits(const float* __restrict scaled, const float* bia
             auto products = [&](auto tokens_now) {
                 constexpr int N = decltype(tokens_now)::value;
                 const uint8_t* codes = records + (j0 + j) * record_bytes;
-                for (int d = 0; d < width; d += 8) {
-                    __m256 code[N];
-                    for (int k = 0; k < N; ++k) code[k] = codes8<BITS>(codes + k * record_bytes, d);
+                auto vector = [&](int d, const __m256* code) {
                     for (int g = 0; g < H; ++g) {
                         const __m256 query = _mm256_loadu_ps(scaled + g * width + d);
                         for (int k = 0; k < N; ++k) acc[k][g] = _mm256_fmadd_ps(query, code[k], acc[k][g]);
+                    }
+                };
+                if constexpr (BLOCKED) {
+                    constexpr int P = 8 / BITS;
+                    for (int b = 0; b < width / (8 * P); ++b) {
+                        __m256i block[N];
+                        for (int k = 0; k < N; ++k) block[k] = code_block(codes + k * record_bytes, b);
+                        for (int s = 0; s < P; ++s) {
+                            __m256 code[N];
+                            for (int k = 0; k < N; ++k) code[k] = block_codes<BITS>(block[k], s);
+                            vector(8 * (b * P + s), code);
+                        }
+                    }
+                } else {
+                    for (int d = 0; d < width; d += 8) {
+                        __m256 code[N];
+                        for (int k = 0; k < N; ++k) code[k] = codes8<BITS>(codes + k * record_bytes, d);
+                        vector(d, code);
                     }
                 }
             };
@@ -127,18 +172,49 @@ static inline void group_accumulate(const float* __restrict weights, int64_t str
     if constexpr (C > 1)
         if (d0 < width) with_count<C - 1>((width - d0) / 8, [&](auto columns) { block(d0, columns); });
 }
+
+// group_accumulate in the blocked order: a code block at a time (its P vectors share one value scale),
+// its H x P sums in registers across the rows, the block's 8 bytes widened once per row
+template <int H, int BITS, int DIM>
+static inline void group_accumulate_blocked(const float* __restrict weights, int64_t stride, const uint8_t* codes,
+                                            int64_t count, int64_t record_bytes, const QuantShape& shape,
+                                            float* __restrict acc) {
+    constexpr int P = 8 / BITS;
+    const int width = DIM > 0 ? DIM : shape.dim, groups = shape.value_groups();
+    for (int b = 0; b < width / (8 * P); ++b) {
+        const float* row[H];
+        __m256 sums[H][P];
+        for (int g = 0; g < H; ++g) {
+            row[g] = weights + (g * groups + 8 * P * b / shape.channel_group) * stride;
+            for (int s = 0; s < P; ++s) sums[g][s] = _mm256_loadu_ps(acc + g * width + 8 * (b * P + s));
+        }
+        for (int64_t j = 0; j < count; ++j) {
+            const __m256i block = code_block(codes + j * record_bytes, b);
+            for (int s = 0; s < P; ++s) {
+                const __m256 value = block_codes<BITS>(block, s);
+                for (int g = 0; g < H; ++g)
+                    sums[g][s] = _mm256_fmadd_ps(_mm256_broadcast_ss(row[g] + j), value, sums[g][s]);
+            }
+        }
+        for (int g = 0; g < H; ++g)
+            for (int s = 0; s < P; ++s) _mm256_storeu_ps(acc + g * width + 8 * (b * P + s), sums[g][s]);
+    }
+}
 #endif
 
 // the logits of `count` token records for all G heads (see group_logits)
 template <int BITS, int DIM>
 static inline void token_logits(const float* scaled, const float* bias, int group, const uint8_t* records,
-                                int64_t count, int64_t record_bytes, int dim, int64_t stride, float* logits) {
+                                int64_t count, int64_t record_bytes, const QuantShape& shape, int64_t stride,
+                                float* logits) {
+    const int dim = shape.dim;
 #if defined(__AVX2__) && defined(__FMA__)
     constexpr int kHeads = 8;
     for (int g0 = 0; g0 < group; g0 += kHeads)
         with_count<kHeads>(std::min(kHeads, group - g0), [&](auto heads) {
-            group_logits<decltype(heads)::value, BITS, DIM>(scaled + g0 * dim, bias + g0, records, count, record_bytes,
-                                                             dim, stride, logits + g0 * stride);
+            constexpr int H = decltype(heads)::value;
+            auto run = shape.keys_blocked() ? group_logits<H, BITS, DIM, BITS < 8> : group_logits<H, BITS, DIM, false>;
+            run(scaled + g0 * dim, bias + g0, records, count, record_bytes, dim, stride, logits + g0 * stride);
         });
 #else
     for (int g = 0; g < group; ++g)
@@ -155,8 +231,20 @@ template <int BITS, int DIM>
 static inline void token_accumulate(const float* weights, int group, int64_t stride, const uint8_t* codes,
                                     int64_t count, int64_t record_bytes, const QuantShape& shape, float* acc) {
 #if defined(__AVX2__) && defined(__FMA__)
-    constexpr int kHeads = 6;
     const int rows_per_head = shape.value_groups();
+    if constexpr (BITS == 2 || BITS == 4) {
+        if (shape.values_blocked()) {
+            constexpr int kHeads = 12 / (8 / BITS);  // H x P sums and a value
+            for (int g0 = 0; g0 < group; g0 += kHeads)
+                with_count<kHeads>(std::min(kHeads, group - g0), [&](auto heads) {
+                    group_accumulate_blocked<decltype(heads)::value, BITS, DIM>(
+                        weights + g0 * rows_per_head * stride, stride, codes, count, record_bytes, shape,
+                        acc + g0 * shape.dim);
+                });
+            return;
+        }
+    }
+    constexpr int kHeads = 6;
     for (int g0 = 0; g0 < group; g0 += kHeads)
         with_count<kHeads>(std::min(kHeads, group - g0), [&](auto heads) {
             group_accumulate<decltype(heads)::value, BITS, DIM>(weights + g0 * rows_per_head * stride, stride, codes,
@@ -182,6 +270,12 @@ static void quant_decode(const T* q, int64_t q_stride_b, const RecordTables& tok
     int64_t slots = 1;
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t h = 0; h < kv_heads; ++h) slots = std::max<int64_t>(slots, lens[b * lens_stride_b + h * lens_stride_h]);
+    // the channel at each position of the order the keys and the values are read in
+    std::vector<int> key_order(dim), value_order(dim);
+    for (int i = 0; i < dim; ++i) {
+        key_order[i] = shape.channel(i / 8, i % 8, shape.keys_blocked());
+        value_order[i] = shape.channel(i / 8, i % 8, shape.values_blocked());
+    }
 #pragma omp parallel num_threads(threads)
     {
         // probs[g * slots + j]: logits, then probabilities; value_steps and value_lows[v * slots + j]: token
@@ -189,8 +283,9 @@ static void quant_decode(const T* q, int64_t q_stride_b, const RecordTables& tok
         std::vector<float> probs(static_cast<size_t>(group) * slots);
         std::vector<float> weights(static_cast<size_t>(group) * value_groups * slots);
         std::vector<float> value_steps(static_cast<size_t>(value_groups) * slots), value_lows(value_steps.size());
-        std::vector<float> query(static_cast<size_t>(group) * dim), scaled(query.size()), bias(group);
-        std::vector<float> step_low(2 * static_cast<size_t>(dim));
+        // query: natural order; query_keys, steps and scaled: the keys' order
+        std::vector<float> query(static_cast<size_t>(group) * dim), query_keys(query.size()), scaled(query.size());
+        std::vector<float> bias(group), step_low(2 * static_cast<size_t>(dim)), steps(dim);
         std::vector<float> acc(static_cast<size_t>(group) * dim), lows(static_cast<size_t>(group) * value_groups);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < static_cast<int64_t>(batch) * kv_heads; ++item) {
@@ -199,6 +294,8 @@ static void quant_decode(const T* q, int64_t q_stride_b, const RecordTables& tok
             const RecordList token_list = tokens.list(b, h), group_list = groups.list(b, h);
             const T* q_group = q + b * q_stride_b + h * group * dim;
             for (int64_t i = 0; i < static_cast<int64_t>(group) * dim; ++i) query[i] = to_f32(q_group[i]) * scale;
+            for (int g = 0; g < group; ++g)
+                for (int i = 0; i < dim; ++i) query_keys[g * dim + i] = query[g * dim + key_order[i]];
 
             // keys: a group of tokens at a time, the query scaled by its steps; its tokens' records are
             // contiguous but where the group crosses from one half page to the next
@@ -206,12 +303,13 @@ static void quant_decode(const T* q, int64_t q_stride_b, const RecordTables& tok
             for (int64_t start = 0; start < len; start += shape.group_size) {
                 halves_to_f32(reinterpret_cast<const uint16_t*>(group_list.record(start / shape.group_size)), 2 * dim,
                               step_low.data());
+                for (int i = 0; i < dim; ++i) steps[i] = step_low[key_order[i]];
                 for (int g = 0; g < group; ++g) {
-                    const float* q_row = query.data() + g * dim;
+                    const float* q_row = query_keys.data() + g * dim;
                     float* scaled_row = scaled.data() + g * dim;
 #pragma omp simd
-                    for (int d = 0; d < dim; ++d) scaled_row[d] = q_row[d] * step_low[d];
-                    bias[g] = dot(q_row, step_low.data() + dim, dim);
+                    for (int i = 0; i < dim; ++i) scaled_row[i] = q_row[i] * steps[i];
+                    bias[g] = dot(query.data() + g * dim, step_low.data() + dim, dim);
                 }
                 const int64_t end = std::min<int64_t>(start + shape.group_size, len);
                 for (int64_t j = start; j < end;) {
@@ -225,7 +323,7 @@ static void quant_decode(const T* q, int64_t q_stride_b, const RecordTables& tok
                     }
                     const uint8_t* records = token_list.run(run) + first * token_list.record_bytes;
                     token_logits<BITS, DIM>(scaled.data(), bias.data(), group, records, count,
-                                            token_list.record_bytes, dim, slots, probs.data() + j);
+                                            token_list.record_bytes, shape, slots, probs.data() + j);
                     // the same records' value steps and minimums, while they are in cache
                     for (int64_t i = 0; i < count; ++i) {
                         const uint16_t* scales =
@@ -264,9 +362,10 @@ static void quant_decode(const T* q, int64_t q_stride_b, const RecordTables& tok
                                             shape, acc.data());
             T* out_group = out + (b * q_heads + h * group) * dim;
             for (int g = 0; g < group; ++g)
-                for (int d = 0; d < dim; ++d)
-                    out_group[g * dim + d] =
-                        from_f32<T>(acc[g * dim + d] + lows[g * value_groups + d / shape.channel_group]);
+                for (int i = 0; i < dim; ++i) {
+                    const int d = value_order[i];
+                    out_group[g * dim + d] = from_f32<T>(acc[g * dim + i] + lows[g * value_groups + d / shape.channel_group]);
+                }
         }
     }
 }
