@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     engine_bench.add_argument("--rounds", type=int, default=3,
                               help="rounds of kvserve then transformers' padded batch; each figure is the median "
                                    "over rounds, each ratio the median of the rounds' ratios")
+    prefill_bench = bench_kinds.add_parser("prefill", help="one prompt's prefill time per policy, against full's")
+    add_engine_args(prefill_bench)
+    prefill_bench.add_argument("--policies", default="h2o,snapkv,tova",
+                               help="policy names, comma-separated, each with its defaults (full runs too)")
+    prefill_bench.add_argument("--num-requests", type=int, default=3, help="prompts, each prefilled alone")
+    prefill_bench.add_argument("--input-len", type=int, default=2000)
     policy_bench = bench_kinds.add_parser("policies", help="concurrent long sequences per policy at a fixed KV size")
     add_engine_args(policy_bench)
     add_concurrency_args(policy_bench)
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvserve.eval.concurrency import run_policy_bench
 
         return run_policy_bench(args, engine_config(args))
+    if args.kind == "prefill":
+        from kvserve.engine.bench import run_prefill_bench
+
+        return run_prefill_bench(args, engine_config(args))
     from kvserve.engine.bench import run_engine_bench
 
     return run_engine_bench(args, engine_config(args))

@@ -1,7 +1,11 @@
 """`kvserve bench engine`: offline throughput and batch-1 latency beside HF transformers on the same
 model, machine and run, and how close both come to this machine's ceilings: its float32 FMA peak and
 its copy bandwidth, measured by the project's own small kernels (kernels/roofline.py), so that a slow
-library cannot pass for the hardware's limit."""
+library cannot pass for the hardware's limit.
+
+`kvserve bench prefill`: what observing attention costs a prompt's prefill, per policy: each prompt
+prefilled alone (one output token) under full and under each policy in turn, and each policy's time
+over full's, the median of the per-prompt ratios."""
 
 from __future__ import annotations
 
@@ -70,6 +74,35 @@ def ours_decode_latency(engine: LLMEngine, prompt: list[int], steps: int) -> flo
     while engine.has_unfinished():
         engine.step()
     return (time.perf_counter() - start) / steps
+
+
+def prefill_seconds(engine: LLMEngine, prompt: list[int], policy: str) -> float:
+    """Seconds to prefill `prompt` alone under `policy` and sample its one token."""
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    engine.generate([prompt], params, policy)
+    return time.perf_counter() - start
+
+
+def run_prefill_bench(args: argparse.Namespace, config: EngineConfig) -> int:
+    engine = LLMEngine(config)
+    policies = ["full", *(name.strip() for name in args.policies.split(",") if name.strip() != "full")]
+    prompts = random_prompts(engine.model_config.vocab_size, args.num_requests, args.input_len, seed=1)
+    prefill_seconds(engine, prompts[0][:32], "full")  # first-call set-up is not prefill
+    # per prompt, every policy in turn: a busy minute on a shared host lands on all of them
+    times = {policy: [] for policy in policies}
+    for prompt in prompts:
+        for policy in policies:
+            times[policy].append(prefill_seconds(engine, prompt, policy))
+    print(f"model {engine.runner.folder.name}, {config.torch_dtype}, {cpu_library.machine()}; "
+          f"{args.num_requests} prompts of {args.input_len} tokens, each prefilled alone, "
+          f"--max-num-batched-tokens {config.max_num_batched_tokens}")
+    print(f"{'policy':<12}{'prefill s':>11}{'x full':>9}")
+    for policy in policies:
+        ratio = statistics.median(t / f for t, f in zip(times[policy], times["full"]))
+        print(f"{policy:<12}{statistics.median(times[policy]):>11.3f}{ratio:>8.2f}x")
+    print("prefill s: the median over prompts; x full: the median of each prompt's time over full's")
+    return 0
 
 
 def hf_generate_time(model, prompts: list[list[int]], new_tokens: int) -> float:  # noqa: ANN001

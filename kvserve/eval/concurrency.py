@@ -107,7 +107,7 @@ def run_policy_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     pool = engine.runner.pool
     sys.stdout.write(f"KV cache: {pool.capacity * pool.page_bytes / 2**20:.0f} MiB ({pool.capacity} pages), "
                      f"{args.num_requests} requests of {args.input_len} + {args.output_len} tokens, submitted at "
-                     f"once; {cpu_library.machine() if config.torch_device().type == 'cpu' else config.device}\n")
+                     f"once; {cpu_library.machine() if config.torch_device.type == 'cpu' else config.device}\n")
     full = results[0]
     headers = ["policy", "max running", "output tok/s", "x full", "TTFT p50 s", "TTFT p99 s", "TPOT mean s",
                "TPOT p99 s", "KV peak / request MiB", "KV peak % of full", "preemptions"]
