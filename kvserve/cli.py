@@ -19,7 +19,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="bytes of KV cache (default: a tenth of free memory)")
     parser.add_argument("--block-size", type=int, default=16, help="token slots per page")
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="tokens per step: the prefill work a step may add to its decodes")
+    parser.add_argument("--chunked-prefill-size", type=int, default=None,
+                        help="prompts are prefilled in chunks ending at multiples of this many tokens (default: "
+                             "half of --max-num-batched-tokens, less where --max-num-seqs decodes would not fit "
+                             "beside it); smaller chunks keep the steps decodes share with a prefill short")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto", choices=attention_backends(),
                         help="auto: triton on a GPU; on a CPU the compiled kernels (cpu), or the torch "
@@ -46,7 +51,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        chunked_prefill_size=args.chunked_prefill_size, max_model_len=args.max_model_len,
                         attention_backend=args.attention_backend, kv_policy=args.kv_policy,
                         scheduling_policy=args.scheduling_policy)
 

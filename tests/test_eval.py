@@ -165,3 +165,25 @@ def test_cli_parses_eval_and_bench_policies(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "policies", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_bench_policies_prints_each_policy_against_full(capsys):
+    main(["bench", "policies", "--kv-cache-memory", str(1200 * 8192), "--max-num-batched-tokens", "128",
+          "--policies", "h2o:0.25", "--num-requests", "4", "--input-len", "256", "--output-len", "4"])
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("| full", "| h2o"))}
+    full, h2o = rows["full"], rows["h2o:0.25"]
+    # columns: max running, output tok/s, x full, TTFT p50, TTFT p99, TPOT mean, TPOT p99, KV MiB, KV %, preemptions
+    assert full[2] == "1.00x" and full[8] == "100%"
+    assert int(h2o[0]) > int(full[0]) >= 1
+    assert int(h2o[8].rstrip("%")) < 100
+
+
+def test_bench_prefill_times_each_policy_in_the_chunks_asked_for(capsys):
+    main(["bench", "prefill", "--kv-cache-memory", str(2000 * 8192), "--max-num-batched-tokens", "128",
+          "--chunked-prefill-size", "32",
+          "--policies", "snapkv", "--num-requests", "2", "--input-len", "100"])
+    out = capsys.readouterr().out
+    assert "2 prompts of 100 tokens, each prefilled alone in chunks of 32 tokens" in out
+    ratios = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.startswith(("full ", "snapkv "))}
+    assert ratios["full"] == "1.00x" and float(ratios["snapkv"].rstrip("x")) > 0

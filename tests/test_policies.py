@@ -201,6 +201,29 @@ def test_snapkv_acts_only_when_the_prompt_completes():
     assert type(decode.policies[0]).act(decode) is None
 
 
+@pytest.mark.parametrize("spec", [{"name": "snapkv", "budget": 4, "window": 2}, {"name": "tova", "budget": 4},
+                                  {"name": "keydiff", "budget": 4}])
+def test_a_policy_that_says_it_does_not_act_changes_nothing(spec):
+    # the runner skips a sequence whose policy does not act in a step: act must agree on every case
+    # (steps with observations and stored scores that would make it evict if it did act)
+    cases = [(decoding, done) for decoding in (True, False) for done in (True, False) if done or not decoding]
+    assert not all(create_policy(parse_policy(spec), 12).acts(*case) for case in cases)
+    for decoding, prompt_done in cases:
+        step = make_step(spec, 12, new_tokens=1 if decoding else 12, prompt_done=prompt_done, prompt_tokens=12,
+                         window=[0.1 * i for i in range(12)], decode_sum=[0.05 * i for i in range(12)],
+                         key_norms=[float(i) for i in range(12)])
+        step.scores.uniform_(0.2, 0.4)
+        step.aux.uniform_(0.2, 0.4)
+        step.key_store = torch.randn(12, 4)
+        step.slot = torch.arange(12).view(1, 1, 1, 12)
+        before = step.scores.clone(), step.aux.clone()
+        keep = type(step.policies[0]).act(step)
+        if step.policies[0].acts(decoding, prompt_done):
+            continue
+        assert keep is None or bool(keep.all()), (decoding, prompt_done)
+        assert torch.equal(step.scores, before[0]) and torch.equal(step.aux, before[1]), (decoding, prompt_done)
+
+
 def test_streaming_llm_keeps_sinks_and_recent():
     step = make_step({"name": "streaming_llm", "budget": 6, "sinks": 2}, 12, new_tokens=12)
     assert kept(type(step.policies[0]).act(step)) == [0, 1, 8, 9, 10, 11]

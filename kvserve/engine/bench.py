@@ -95,8 +95,8 @@ def run_prefill_bench(args: argparse.Namespace, config: EngineConfig) -> int:
         for policy in policies:
             times[policy].append(prefill_seconds(engine, prompt, policy))
     print(f"model {engine.runner.folder.name}, {config.torch_dtype}, {cpu_library.machine()}; "
-          f"{args.num_requests} prompts of {args.input_len} tokens, each prefilled alone, "
-          f"--max-num-batched-tokens {config.max_num_batched_tokens}")
+          f"{args.num_requests} prompts of {args.input_len} tokens, each prefilled alone in chunks of "
+          f"{engine.scheduler.prefill_chunk} tokens")
     print(f"{'policy':<12}{'prefill s':>11}{'x full':>9}")
     for policy in policies:
         ratio = statistics.median(t / f for t, f in zip(times[policy], times["full"]))

@@ -37,6 +37,8 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # prefill chunks end at multiples of this many tokens of a sequence; None: the scheduler's default
+    chunked_prefill_size: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"
     kv_policy: str | None = None  # the default policy of requests that name none (name or JSON)
@@ -52,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {', '.join(attention_backends())}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.chunked_prefill_size is not None and not 0 < self.chunked_prefill_size <= self.max_num_batched_tokens:
+            raise ValueError("chunked_prefill_size must be positive and at most max_num_batched_tokens")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
 

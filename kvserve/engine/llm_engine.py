@@ -44,6 +44,7 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = load_tokenizer(self.runner.folder)
         self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens,
+                                   prefill_chunk=config.chunked_prefill_size,
                                    by_priority=config.scheduling_policy == "priority")
         self.policies = PolicyRunner(self.runner.table, self.runner.tiers, self.model_config.group_size,
                                      self.runner.backend.scale, rope_inv_freq(self.model_config))

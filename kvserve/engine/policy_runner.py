@@ -45,8 +45,8 @@ class PolicyRunner:
     def after_step(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         """Call after the forward pass (sequences' num_computed already advanced)."""
         groups: dict[type[Policy], list[int]] = defaultdict(list)
-        for i, seq in enumerate(batch.seqs):
-            if type(seq.policy).act.__func__ is not Policy.act.__func__:
+        for i, (seq, count) in enumerate(zip(batch.seqs, batch.counts)):
+            if seq.policy.acts(count == 1, seq.num_computed == seq.num_tokens):
                 groups[type(seq.policy)].append(i)
         for cls, members in groups.items():
             self._run(cls, batch, members, meta)
@@ -89,8 +89,11 @@ class PolicyRunner:
             query_count=query_count, attention_scale=self.attention_scale,
             value_store=pool.v_pages.view(-1, pool.head_dim), rope_inv_freq=self.rope_inv_freq)
         keep = cls.act(step)
-        pool.slot_scores[slot[held]] = step.scores[held]
-        pool.slot_aux[slot[held]] = step.aux[held]
+        # written back whole, without selecting the held slots: a slot past a head's length is a free
+        # slot of its own last page (zeroed when a token is appended there) or the null page's, which
+        # nothing reads
+        pool.slot_scores[slot] = step.scores
+        pool.slot_aux[slot] = step.aux
         keep = held.clone() if keep is None else keep
         question = self._question(step)
         if question is not None:

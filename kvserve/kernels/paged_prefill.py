@@ -94,17 +94,28 @@ def paged_prefill_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
             # logits stay in cache, and each tile reads only the keys its queries can see); when they
             # are the whole chunk they give the attention output too, so the chunk is not attended twice
             q_win = (queries[0, :, n - width:] * scale).view(kv_heads, group, width, -1)
-            first_new_max = longest - n
+            first_new_max, first_new_min = longest - n, int(lens.min()) - n
             for t0 in range(0, width, OBSERVE_TILE):
                 t1 = min(width, t0 + OBSERVE_TILE)
+                rows = t1 - t0
                 seen = min(longest, first_new_max + n - width + t1)  # slots the tile's last query sees
-                logits = torch.matmul(q_win[:, :, t0:t1], keys[0, :, None, :seen].transpose(-1, -2)).float()
-                logits.masked_fill_(~visible[:, None, n - width + t0:n - width + t1, :seen], float("-inf"))
+                # one [Hkv, G * rows, D] x [Hkv, D, seen] product per tile: a broadcast over the group
+                # would copy the keys once per query head
+                tile_q = q_win[:, :, t0:t1].reshape(kv_heads, group * rows, -1)
+                logits = torch.matmul(tile_q, keys[0, :, :seen].transpose(-1, -2)).float()
+                logits = logits.view(kv_heads, group, rows, seen)
+                # every head's every query in the tile sees the slots before `band`: only the band
+                # from there to `seen` needs the causal and per-head-length mask
+                band = max(0, first_new_min + n - width + t0 + 1)
+                if band < seen:
+                    logits[..., band:].masked_fill_(
+                        ~visible[:, None, n - width + t0:n - width + t1, band:seen], float("-inf"))
                 probs = torch.softmax(logits, dim=-1)
                 window_scores[b, :, :seen] += probs.sum(dim=(1, 2))
                 if width == n:
-                    attn = torch.matmul(probs.to(values.dtype), values[0, :, None, :seen])
-                    out[lo + t0:lo + t1] = attn.reshape(q_heads, t1 - t0, -1).transpose(0, 1)
+                    attn = torch.bmm(probs.view(kv_heads, group * rows, seen).to(values.dtype),
+                                     values[0, :, :seen])
+                    out[lo + t0:lo + t1] = attn.view(q_heads, rows, -1).transpose(0, 1)
         if width == n:
             continue
         queries = _zero_pad_tokens(queries, padded_n)

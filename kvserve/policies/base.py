@@ -182,6 +182,13 @@ class Policy:
         the window never spans two chunks, whatever the prompt's length."""
         return 0
 
+    def acts(self, decoding: bool, prompt_done: bool) -> bool:
+        """Whether `act` may change anything of this sequence in a step that fed it one token
+        (`decoding`) or a prefill chunk (completing its prompt or not). Where this is False, `act`
+        must return None and leave scores and aux as they are: the runner leaves the sequence out,
+        so a policy that compresses once costs its decode steps nothing."""
+        return type(self).act.__func__ is not Policy.act.__func__
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
         """Update `step.scores` / `step.aux` in place; return the slots to keep ([n, L, Hkv, S] bool,

@@ -44,6 +44,9 @@ class KeyDiffPolicy(BudgetPolicy):
             return super().tokens_bound(max_new_tokens, chunk_tokens)
         return self.prefill_only_bound(max_new_tokens, chunk_tokens)
 
+    def acts(self, decoding: bool, prompt_done: bool) -> bool:
+        return not decoding or self.params.decode
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
         acting = ~step.decoding | torch.tensor([p.params.decode for p in step.policies])

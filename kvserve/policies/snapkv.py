@@ -42,6 +42,9 @@ class SnapKVPolicy(BudgetPolicy):
     def prompt_end_window(self) -> int:
         return self.params.window
 
+    def acts(self, decoding: bool, prompt_done: bool) -> bool:
+        return prompt_done and not decoding
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
         # compress once, at the step that completes the prompt

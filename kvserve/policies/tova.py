@@ -57,6 +57,9 @@ class TOVAPolicy(BudgetPolicy):
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return 1 if prompt_done or self.params.chunked else 0
 
+    def acts(self, decoding: bool, prompt_done: bool) -> bool:
+        return decoding or prompt_done or self.params.chunked
+
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
         acting = step.decoding | step.prompt_done | torch.tensor([p.params.chunked for p in step.policies])
