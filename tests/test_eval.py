@@ -168,7 +168,7 @@ def test_cli_parses_eval_and_bench_policies(tmp_path):
 
 
 def test_bench_policies_prints_each_policy_against_full(capsys):
-    main(["bench", "policies", "--kv-cache-memory", str(1200 * 8192), "--max-num-batched-tokens", "128",
+    main(["bench", "policies", "--kv-cache-memory", str(4000 * 8192), "--max-num-batched-tokens", "128",
           "--policies", "h2o:0.25", "--num-requests", "4", "--input-len", "256", "--output-len", "4"])
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith(("| full", "| h2o"))}
