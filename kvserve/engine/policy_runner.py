@@ -88,21 +88,27 @@ class PolicyRunner:
             queries=queries, group_size=self.group_size, slot=slot, key_store=pool.k_pages.view(-1, pool.head_dim),
             query_count=query_count, attention_scale=self.attention_scale,
             value_store=pool.v_pages.view(-1, pool.head_dim), rope_inv_freq=self.rope_inv_freq)
+        scores, aux = step.scores, step.aux
+        versions = scores._version, aux._version  # bumped by every in-place change
         keep = cls.act(step)
-        # written back whole, without selecting the held slots: a slot past a head's length is a free
-        # slot of its own last page (zeroed when a token is appended there) or the null page's, which
-        # nothing reads
-        pool.slot_scores[slot] = step.scores
-        pool.slot_aux[slot] = step.aux
-        keep = held.clone() if keep is None else keep
+        # written back only when act changed them, and whole, without selecting the held slots: a slot
+        # past a head's length is a free slot of its own last page (zeroed when a token is appended
+        # there) or the null page's, which nothing reads
+        if step.scores is not scores or scores._version != versions[0]:
+            pool.slot_scores[slot] = step.scores
+        if step.aux is not aux or aux._version != versions[1]:
+            pool.slot_aux[slot] = step.aux
         question = self._question(step)
+        if keep is None and question is None and not step.transfers:
+            return
+        keep = held.clone() if keep is None else keep
         if question is not None:
             keep |= question
         dropped = int((held & ~keep).sum())
         for key, transfer in step.transfers.items():
             movable = keep if question is None else keep & ~question
             keep &= ~self._transfer(key, transfer, rows, movable, slot, positions, question is not None)
-        if bool((held & ~keep).any()):
+        if dropped or step.transfers:
             table.evict(rows, keep)
         self.tokens_evicted[cls.name] += dropped
 
