@@ -185,6 +185,16 @@ def record_tables(view: torch.Tensor, tables: torch.Tensor) -> tuple[RecordTable
                         tables.data_ptr(), tables.stride(0), tables.stride(1)), tables
 
 
+def decode_io(q: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every decode kernel takes and fills: q [B, Hq, D] with each head's dims contiguous, lens as
+    int32, and the fresh out [B, Hq, D] (q's dtype) and lse [B, Hq] (float32)."""
+    batch, q_heads, dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    return (q, lens.to(torch.int32), torch.empty(batch, q_heads, dim, dtype=q.dtype),
+            torch.empty(batch, q_heads, dtype=torch.float32))
+
+
 def available() -> bool:
     return library() is not None
 

@@ -68,13 +68,9 @@ def paged_decode_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     batch, q_heads, dim = q.shape
     kv_heads, pages = block_tables.shape[1:]
     block_size = k_pages.shape[1]
-    if q.stride(2) != 1 or q.stride(1) != dim:
-        q = q.contiguous()
+    q, lens, out, lse = cpu_library.decode_io(q, seq_lens)
     tables = block_tables.to(torch.int32)
     tables = tables if tables.stride(2) == 1 else tables.contiguous()
-    lens = seq_lens.to(torch.int32)
-    out = torch.empty(batch, q_heads, dim, dtype=q.dtype)
-    lse = torch.empty(batch, q_heads, dtype=torch.float32)
     scores = None
     if want_scores:
         scores = tuple(torch.empty(batch, kv_heads, pages * block_size, dtype=torch.float32) for _ in range(2))

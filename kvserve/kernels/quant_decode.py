@@ -66,13 +66,9 @@ def quant_decode_cpu(q: torch.Tensor, token_view: torch.Tensor, token_tables: to
     if code is None or layout.head_dim % 8 or not token_view.is_cpu:
         return quant_decode_ref(q, token_view, token_tables, group_view, group_tables, lens, layout, scale)
     batch, q_heads, dim = q.shape
-    if q.stride(2) != 1 or q.stride(1) != dim:
-        q = q.contiguous()
+    q, lens, out, lse = cpu_library.decode_io(q, lens)
     tokens, token_tables = cpu_library.record_tables(token_view, token_tables)
     groups, group_tables = cpu_library.record_tables(group_view, group_tables)
-    lens = lens.to(torch.int32)
-    out = torch.empty(batch, q_heads, dim, dtype=q.dtype)
-    lse = torch.empty(batch, q_heads, dtype=torch.float32)
     cpu_library.library().kv_quant_decode(
         code, q.data_ptr(), q.stride(0), ctypes.byref(tokens), ctypes.byref(groups), lens.data_ptr(), lens.stride(0),
         lens.stride(1), batch, q_heads, token_tables.shape[1], dim, layout.bits, layout.group_size, scale,

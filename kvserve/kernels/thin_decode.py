@@ -55,15 +55,11 @@ def thin_decode_cpu(q: torch.Tensor, channels: torch.Tensor, key_view: torch.Ten
     if code is None or not key_view.is_cpu:
         return thin_decode_ref(q, channels, key_view, key_tables, value_view, value_tables, lens, scale)
     batch, q_heads, dim = q.shape
-    if q.stride(2) != 1 or q.stride(1) != dim:
-        q = q.contiguous()
+    q, lens, out, lse = cpu_library.decode_io(q, lens)
     channels = channels.to(torch.int64)
     channels = channels if channels.stride(2) == 1 else channels.contiguous()
     keys, key_tables = cpu_library.record_tables(key_view, key_tables)
     values, value_tables = cpu_library.record_tables(value_view, value_tables)
-    lens = lens.to(torch.int32)
-    out = torch.empty(batch, q_heads, dim, dtype=q.dtype)
-    lse = torch.empty(batch, q_heads, dtype=torch.float32)
     cpu_library.library().kv_thin_decode(
         code, q.data_ptr(), q.stride(0), channels.data_ptr(), channels.stride(0), channels.stride(1),
         channels.shape[2], ctypes.byref(keys), ctypes.byref(values), lens.data_ptr(), lens.stride(0), lens.stride(1),
