@@ -169,10 +169,11 @@ class PageTable:
                 store.index_copy_(0, dst_flat, store.index_select(0, src_flat))
         old_pages = _ceil_div(lens, self.block_size)
         new_pages = _ceil_div(new_lens, self.block_size)
-        page_index = torch.arange(self.max_pages)
+        width = int(old_pages.max())  # no head held a page past it: the rest of the table stays as it is
+        page_index = torch.arange(width)
         freed = (page_index >= new_pages[..., None]) & (page_index < old_pages[..., None])
-        row_tables = self.tables[rows]
+        row_tables = self.tables[rows, :, :, :width]
         self.pool.release(row_tables[freed])
-        self.tables[rows] = row_tables.masked_fill(freed, 0)
+        self.tables[rows, :, :, :width] = row_tables.masked_fill(freed, 0)
         self.lengths[rows] = new_lens.to(torch.int32)
         return src, dst

@@ -179,7 +179,10 @@ class PolicyRunner:
         not cover."""
         layers = [per_layer[layer] if which is None else per_layer[layer][which] for layer in sorted(per_layer)]
         stacked = torch.stack(layers, dim=1).float()[..., :slots].cpu()
+        covered = covered.cpu()
+        if torch.equal(covered, members):  # the common case: a step of decodes, all of one policy
+            return stacked
         lookup = torch.full((batch_size,), -1, dtype=torch.long)
-        lookup[covered.cpu()] = torch.arange(covered.numel())
+        lookup[covered] = torch.arange(covered.numel())
         picked = lookup[members]
         return stacked[picked.clamp(min=0)] * (picked >= 0).view(-1, *[1] * (stacked.dim() - 1))

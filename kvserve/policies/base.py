@@ -280,9 +280,10 @@ def keep_top(scores: torch.Tensor, held: torch.Tensor, protected: torch.Tensor, 
     candidates = held & ~protected
     ranked = scores.masked_fill(~candidates, float("inf"))
     if int(over.max()) == 1:
+        # each head over budget drops its lowest-ranked candidate (none if all it holds is protected)
         victim = ranked.argmin(-1, keepdim=True)
-        evict = (over > 0)[..., None] & candidates & torch.zeros_like(held).scatter_(-1, victim, True)
-        return keep & ~evict
+        drop = (over > 0)[..., None] & (ranked.gather(-1, victim) < float("inf"))
+        return keep.scatter_(-1, victim, keep.gather(-1, victim) & ~drop)
     # drop the `over` lowest-scoring candidates of each head
     order = ranked.argsort(dim=-1, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
