@@ -13,6 +13,8 @@ Invariants every policy keeps:
   scheduler trusts when it admits requests;
 - it reads only what it declared: `needs_decode_scores`, `prefill_window(...)`,
   `query_window(...)`; the backend computes nothing else for it;
+- where `acts(...)` says it does not act on a sequence in a step, `act` would change nothing of it:
+  the runner leaves that sequence out;
 - a policy that compresses rather than drops moves tokens into a tier (`PolicyStep.transfers`):
   the moved slots leave the full-precision pages as if evicted, but their tokens stay attended.
 """
