@@ -102,34 +102,38 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_args(evaluate)
 
     args = parser.parse_args(argv)
+    try:
+        config = engine_config(args)
+    except ValueError as error:
+        parser.error(str(error))  # exit 2 with the usage line, as for any other bad flag
     if args.command == "serve":
         from kvserve.server.api_server import run_server
 
-        return run_server(args, engine_config(args))
+        return run_server(args, config)
     if args.command == "generate":
-        return _generate(args)
+        return _generate(args, config)
     if args.command == "eval":
         from kvserve.eval.harness import run_eval
 
-        return run_eval(args, engine_config(args))
+        return run_eval(args, config)
     if args.kind == "policies":
         from kvserve.eval.concurrency import run_policy_bench
 
-        return run_policy_bench(args, engine_config(args))
+        return run_policy_bench(args, config)
     if args.kind == "prefill":
         from kvserve.engine.bench import run_prefill_bench
 
-        return run_prefill_bench(args, engine_config(args))
+        return run_prefill_bench(args, config)
     from kvserve.engine.bench import run_engine_bench
 
-    return run_engine_bench(args, engine_config(args))
+    return run_engine_bench(args, config)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace, config: EngineConfig) -> int:
     from kvserve.engine.llm_engine import LLMEngine
     from kvserve.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(config)
     tokenizer = engine.tokenizer
     if args.chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,

@@ -180,6 +180,13 @@ def test_bench_policies_prints_each_policy_against_full(capsys):
     assert int(h2o[10].rstrip("%")) < 100
 
 
+def test_a_bad_engine_flag_is_a_usage_error_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "prefill", "--max-num-batched-tokens", "128", "--chunked-prefill-size", "256"])
+    assert exit_info.value.code == 2
+    assert "chunked_prefill_size must be positive and at most max_num_batched_tokens" in capsys.readouterr().err
+
+
 def test_bench_prefill_times_each_policy_in_the_chunks_asked_for(capsys):
     main(["bench", "prefill", "--kv-cache-memory", str(2000 * 8192), "--max-num-batched-tokens", "128",
           "--chunked-prefill-size", "32",
