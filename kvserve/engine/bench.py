@@ -94,7 +94,7 @@ def run_prefill_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     for prompt in prompts:
         for policy in policies:
             times[policy].append(prefill_seconds(engine, prompt, policy))
-    print(f"model {engine.runner.folder.name}, {config.torch_dtype}, {cpu_library.machine()}; "
+    print(f"model {engine.runner.folder.name}, {config.torch_dtype}, {config.machine()}; "
           f"{args.num_requests} prompts of {args.input_len} tokens, each prefilled alone in chunks of "
           f"{engine.scheduler.prefill_chunk} tokens")
     print(f"{'policy':<12}{'prefill s':>11}{'x full':>9}")

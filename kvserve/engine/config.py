@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.attention.registry import BACKENDS
+from kvserve.kernels import cpu_library
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +65,12 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def machine(self) -> str:
+        """What a benchmark ran on: the CPU and the ISA its kernels use, or the GPU's name."""
+        if self.torch_device.type == "cpu":
+            return cpu_library.machine()
+        return torch.cuda.get_device_name(self.torch_device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

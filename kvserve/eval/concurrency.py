@@ -24,7 +24,6 @@ from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_prompt
 from kvserve.eval.report import markdown_table
 from kvserve.eval.specs import parse_policy_list, policy_label
-from kvserve.kernels import cpu_library
 
 
 @dataclass
@@ -107,7 +106,7 @@ def run_policy_bench(args: argparse.Namespace, config: EngineConfig) -> int:
     pool = engine.runner.pool
     sys.stdout.write(f"KV cache: {pool.capacity * pool.page_bytes / 2**20:.0f} MiB ({pool.capacity} pages), "
                      f"{args.num_requests} requests of {args.input_len} + {args.output_len} tokens, submitted at "
-                     f"once; {cpu_library.machine() if config.torch_device.type == 'cpu' else config.device}\n")
+                     f"once; {config.machine()}\n")
     full = results[0]
     headers = ["policy", "max running", "output tok/s", "x full", "tok/s at max running", "x full",
                "TTFT p50 s", "TTFT p99 s", "TPOT mean s",
