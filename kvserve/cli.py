@@ -11,7 +11,9 @@ from kvserve.engine.config import SCHEDULING_POLICIES, EngineConfig, attention_b
 from kvserve.eval.args import add_concurrency_args, add_eval_args
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser, prefix_caching: bool = True) -> None:
+    """The engine's flags. `prefix_caching`: the default of --enable-prefix-caching (off for the
+    benchmarks and evaluations, where every policy and round must compute the same prompts)."""
     parser.add_argument("--model", default=None,
                         help="built-in name (default SmolLM2-135M-Instruct), an HF folder or a .gguf file")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -33,6 +35,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
                         help="fcfs: arrival order; priority: by each request's `priority` (lower first), then "
                              "arrival, and the least urgent running request is preempted first")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=prefix_caching,
+                        help="keep prompt blocks' KV for later requests that start with the same tokens "
+                             "(evicted least recently used when the pool needs the pages)")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +59,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         chunked_prefill_size=args.chunked_prefill_size, max_model_len=args.max_model_len,
                         attention_backend=args.attention_backend, kv_policy=args.kv_policy,
-                        scheduling_policy=args.scheduling_policy)
+                        scheduling_policy=args.scheduling_policy, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     engine_bench = bench_kinds.add_parser("engine", help="offline throughput and latency vs transformers")
-    add_engine_args(engine_bench)
+    add_engine_args(engine_bench, prefix_caching=False)
     engine_bench.add_argument("--num-requests", type=int, default=32)
     engine_bench.add_argument("--input-len", type=int, default=512)
     engine_bench.add_argument("--output-len", type=int, default=128)
@@ -88,17 +93,17 @@ def main(argv: list[str] | None = None) -> int:
                               help="rounds of kvserve then transformers' padded batch; each figure is the median "
                                    "over rounds, each ratio the median of the rounds' ratios")
     prefill_bench = bench_kinds.add_parser("prefill", help="one prompt's prefill time per policy, against full's")
-    add_engine_args(prefill_bench)
+    add_engine_args(prefill_bench, prefix_caching=False)
     prefill_bench.add_argument("--policies", default="h2o,snapkv,tova",
                                help="policy names, comma-separated, each with its defaults (full runs too)")
     prefill_bench.add_argument("--num-requests", type=int, default=3, help="prompts, each prefilled alone")
     prefill_bench.add_argument("--input-len", type=int, default=2000)
     policy_bench = bench_kinds.add_parser("policies", help="concurrent long sequences per policy at a fixed KV size")
-    add_engine_args(policy_bench)
+    add_engine_args(policy_bench, prefix_caching=False)
     add_concurrency_args(policy_bench)
 
     evaluate = commands.add_parser("eval", help="passkey, logit fidelity, KV bytes and decode speed per policy")
-    add_engine_args(evaluate)
+    add_engine_args(evaluate, prefix_caching=False)
     add_eval_args(evaluate)
 
     args = parser.parse_args(argv)

@@ -27,6 +27,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=256, help="prompt tokens, approximately (default 256)")
     parser.add_argument("--output-len", type=int, default=64, help="tokens to generate, EOS ignored (default 64)")
     parser.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: the shared tokens (default 256)")
+    parser.add_argument("--num-docs", type=int, default=4,
+                        help="documents: the documents, each asked num-requests / num-docs questions; multi-turn: "
+                             "the conversations (default 4)")
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; <1 burstier (gamma arrivals)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo", type=parse_slo, default=None,
@@ -40,7 +43,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace, **load: object) -> RunConfig:
     return RunConfig(url=args.url, api_key=args.api_key, model=args.model, dataset=args.dataset,
                      num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
-                     prefix_len=args.prefix_len, burstiness=args.burstiness, seed=args.seed, slo=args.slo,
+                     prefix_len=args.prefix_len, num_docs=args.num_docs, burstiness=args.burstiness, seed=args.seed,
+                     slo=args.slo,
                      max_duration=args.max_duration, request_timeout=args.request_timeout,
                      scrape_interval=args.scrape_interval, **load)  # type: ignore[arg-type]
 

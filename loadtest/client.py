@@ -30,6 +30,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0  # usage.prompt_tokens; the approximate count where the server sends no usage
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server sends it
     text: str = ""
     # kvserve's usage.kv_cache: policy, bytes, full_bytes, peak_bytes, footprint_byte_steps, full_footprint_byte_steps
     kv_cache: dict[str, Any] | None = None
@@ -104,6 +105,7 @@ async def _read_events(response: httpx.Response, result: RequestResult) -> None:
             result.output_tokens = usage.get("completion_tokens", chunks)
             result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
             result.kv_cache = usage.get("kv_cache")
+            result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     if result.ttft is not None:
         result.latency = last - result.send
         result.output_tokens = result.output_tokens or chunks

@@ -104,6 +104,9 @@ def summarize(results: Sequence[RequestResult], duration: float, slo: dict[str, 
     summary |= distribution("itl", [gap for r in done for gap in r.itl])
     summary |= distribution("e2el", [r.latency for r in done])
     summary |= kv_cache_means(done)
+    reported = [r for r in done if r.cached_tokens is not None]
+    summary["prefix_cache_hit_rate"] = (sum(r.cached_tokens for r in reported) / sum(r.prompt_tokens for r in reported)
+                                        if reported and sum(r.prompt_tokens for r in reported) else None)
     return summary
 
 

@@ -35,6 +35,7 @@ class RunConfig:
     input_len: int = 256
     output_len: int = 64
     prefix_len: int = 256  # the shared-prefix dataset's shared part
+    num_docs: int = 4  # the documents dataset's documents, the multi-turn dataset's conversations
     seed: int = 0
     policy: dict[str, Any] | None = None
     model: str | None = None  # None: the first of GET /v1/models
@@ -47,6 +48,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.num_requests < 1:
             raise ValueError("--num-requests must be at least 1")
+        if self.num_docs < 1:
+            raise ValueError("--num-docs must be at least 1")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError("--concurrency must be at least 1")
         if self.max_duration <= 0:
@@ -67,7 +70,7 @@ def run(config: RunConfig, prefix: str = "") -> dict[str, Any]:
 
 async def run_async(config: RunConfig, prefix: str = "") -> dict[str, Any]:
     samples = build_samples(config.dataset, config.num_requests, config.input_len, config.output_len,
-                            config.seed, config.prefix_len)
+                            config.seed, config.prefix_len, config.num_docs)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=(config.concurrency or config.num_requests) + 1)  # +1: the scraper
     timeout = httpx.Timeout(config.request_timeout, connect=10)

@@ -24,6 +24,8 @@ def format_summary(result: dict[str, Any]) -> str:
               _row("Peak concurrent requests:", s["max_concurrent_requests"])]
     if s["accuracy"] is not None:
         lines.append(_row(f"Accuracy ({s['scored']} scored):", s["accuracy"]))
+    if s.get("prefix_cache_hit_rate") is not None:
+        lines.append(_row("Prefix cache hit rate (usage):", s["prefix_cache_hit_rate"]))
     for metric, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
                           ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
         lines.append(f"{title:-^{WIDTH}}")

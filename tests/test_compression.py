@@ -45,7 +45,7 @@ def finish(engine: LLMEngine, tokens: list[int]) -> tuple[list[int], object]:
             tokens += out.token_ids
             usage = out.kv_usage or usage
     engine.runner.check_invariants(live_rows=[])
-    assert engine.runner.pool.pages_free == engine.runner.pool.capacity
+    assert engine.runner.pool.pages_available == engine.runner.pool.capacity
     return tokens, usage
 
 

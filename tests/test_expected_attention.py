@@ -267,7 +267,7 @@ def test_on_the_engine_prefill_chunks_are_cut_to_a_quarter_and_the_pages_come_ba
             prefill_checks += generated == 0
     assert prefill_checks >= 2 * 3  # three 256-token chunks each
     assert all(len(t) == 16 for t in tokens.values())
-    assert engine.runner.pool.pages_free == engine.runner.pool.capacity
+    assert engine.runner.pool.pages_available == engine.runner.pool.capacity
     heads = engine.model_config.num_layers * engine.model_config.num_kv_heads
     page_bytes = engine.runner.pool.page_bytes
     for rid, kept in (("plain", budget + 15), ("decode", budget)):  # 15 of the 16 tokens were appended

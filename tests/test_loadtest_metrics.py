@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from kvserve.eval.passkey import QUESTION
 from loadtest.arrivals import arrival_gaps
 from loadtest.client import RequestResult, request_body, stream_completion
 from loadtest.datasets import Sample, approx_tokens, build_samples, jsonl_samples
@@ -23,11 +24,12 @@ def recorded() -> list[RequestResult]:
     """Three completed requests and one refused; times in seconds."""
     return [
         RequestResult(0, send=0.0, status=200, ttft=0.1, latency=0.5, itl=[0.1] * 4, output_tokens=5,
-                      prompt_tokens=10, correct=True, kv_cache={"bytes": 100, "peak_bytes": 300, "full_bytes": 400,
-                                                                "footprint_byte_steps": 900,
-                                                                "full_footprint_byte_steps": 1200}),
+                      prompt_tokens=10, cached_tokens=0, correct=True,
+                      kv_cache={"bytes": 100, "peak_bytes": 300, "full_bytes": 400, "footprint_byte_steps": 900,
+                                "full_footprint_byte_steps": 1200}),
         RequestResult(1, send=0.2, status=200, ttft=0.3, latency=1.1, itl=[0.2] * 4, output_tokens=5,
-                      prompt_tokens=20, correct=False, kv_cache={"bytes": 300, "peak_bytes": 500, "full_bytes": 400}),
+                      prompt_tokens=20, cached_tokens=16, correct=False,
+                      kv_cache={"bytes": 300, "peak_bytes": 500, "full_bytes": 400}),
         RequestResult(2, send=0.3, status=429, error="HTTP 429: queue full", prompt_tokens=7),
         RequestResult(3, send=0.5, status=200, ttft=0.2, latency=0.2, output_tokens=1, prompt_tokens=5),
     ]
@@ -64,13 +66,15 @@ def test_summary_of_recorded_timings_matches_hand_computed_figures():
     assert (s["mean_kv_bytes"], s["mean_kv_peak_bytes"], s["mean_kv_full_bytes"]) == (200, 400, 400)
     # the second result's server reports no footprint: the mean is over the one that does
     assert (s["mean_kv_footprint_byte_steps"], s["mean_kv_full_footprint_byte_steps"]) == (900, 1200)
+    # 16 of the 30 prompt tokens of the two requests whose server said how many it found cached
+    assert s["prefix_cache_hit_rate"] == pytest.approx(16 / 30)
 
 
 def test_empty_and_all_failed_runs_have_no_latencies():
     s = summarize([recorded()[2]], duration=1.0)
     assert s["completed"] == 0 and s["failed"] == 1
     assert s["mean_ttft_ms"] is None and s["p99_e2el_ms"] is None and s["accuracy"] is None
-    assert s["request_goodput"] is None and s["mean_kv_bytes"] is None
+    assert s["request_goodput"] is None and s["mean_kv_bytes"] is None and s["prefix_cache_hit_rate"] is None
 
 
 def test_tpot_excludes_the_first_token():
@@ -189,6 +193,16 @@ def test_datasets(tmp_path):
     assert rand == build_samples("random", 2, 50, 4, seed=1, prefix_len=0)
     shared = build_samples("shared-prefix", 2, 10, 4, seed=1, prefix_len=20)
     assert shared[0].prompt.split("\n")[0] == shared[1].prompt.split("\n")[0]
+    documents = build_samples("documents", 6, 200, 8, seed=1, prefix_len=0, num_docs=3)
+    context = [s.prompt.split("\nQuiz")[0] for s in documents]
+    assert context[:3] == context[3:] and len(set(context)) == 3  # each document asked twice, interleaved
+    assert len({s.prompt for s in documents}) == 6 and all(s.expected in c for s, c in zip(documents, context))
+    assert len({c.split()[1] for c in context}) == 3  # they differ from their second word on
+    chats = build_samples("multi-turn", 6, 200, 8, seed=1, prefix_len=0, num_docs=2)
+    for earlier, later in zip(chats[:4], chats[2:]):  # turn t + 1 of a conversation extends its turn t
+        stem = earlier.prompt.removesuffix(QUESTION)
+        assert later.prompt.startswith(stem) and len(later.prompt) > len(earlier.prompt)
+        assert later.expected == earlier.expected and later.expected in stem
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "expected": "b"}\n\n{"prompt": "c", "output_len": 2}\n')
     assert jsonl_samples(path, 3, 5) == [Sample("a", 5, "b"), Sample("c", 2), Sample("a", 5, "b")]

@@ -3,7 +3,9 @@
 A page holds `block_size` token slots of ONE KV head of ONE layer, keys and values at full
 width. Page 0 is a null page that is never handed out: padded page-table entries point at it,
 so gathers through a table never read out of bounds. Every other page is either on the free
-stack or owned by exactly one (sequence, layer, head) list in a `PageTable`.
+stack (reference count 0) or held by as many owners as its reference count says: (sequence, layer,
+head) lists of a `PageTable`, and the prefix cache. A page held by more than one owner is shared and
+read-only: nothing writes into it until all but one owner let go (see kvserve/cache/prefix_cache.py).
 
 K and V of all pages share one buffer (all K halves, then all V halves), so a compressed page
 format can view a page's two halves as raw bytes and pack fixed-size records into them
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -62,6 +65,11 @@ class PagePool:
         # a stack of free page ids: the top `pages_free` entries of `_free` are free
         self._free = torch.arange(num_pages - 1, 0, -1, dtype=torch.int32)
         self.pages_free = num_pages - 1
+        self.refs = torch.zeros(num_pages, dtype=torch.int32)  # owners of each page (0: free)
+        # a cache whose pages no running sequence reads gives them back on demand: how many it
+        # would (`evictable`), and the call that frees at least that many pages (`reclaim`)
+        self.evictable: Callable[[], int] = lambda: 0
+        self.reclaim: Callable[[int], None] = lambda count: None
 
     @property
     def capacity(self) -> int:
@@ -71,6 +79,11 @@ class PagePool:
     @property
     def pages_used(self) -> int:
         return self.capacity - self.pages_free
+
+    @property
+    def pages_available(self) -> int:
+        """Pages `allocate` can hand out: the free ones and those a cache would give back."""
+        return self.pages_free + self.evictable()
 
     @property
     def slot_stores(self) -> tuple[torch.Tensor, ...]:
@@ -108,19 +121,46 @@ class PagePool:
 
         The top of the stack is handed out bottom-up: from a fresh pool (or a freed run) a head's
         pages come out as ascending ids, adjacent in memory, which the CPU's prefetcher follows:
-        decode attention read them 1.18x faster than the same pages in descending order."""
+        decode attention read them 1.18x faster than the same pages in descending order. Short of free
+        pages, a cache gives back what it can first."""
+        if count > self.pages_free:
+            self.reclaim(count - self.pages_free)
         if count > self.pages_free:
             raise OutOfPages(f"asked for {count} pages, {self.pages_free} free")
         self.pages_free -= count
-        return self._free[self.pages_free:self.pages_free + count].flip(0)
+        pages = self._free[self.pages_free:self.pages_free + count].flip(0)
+        self.refs[pages.long()] = 1
+        return pages
+
+    def share(self, pages: torch.Tensor) -> None:
+        """One more owner for each of `pages` (each held already)."""
+        self.refs.index_add_(0, pages.long().flatten(), torch.ones(pages.numel(), dtype=torch.int32))
 
     def release(self, pages: torch.Tensor) -> None:
-        count = pages.numel()
-        if count == 0:
+        """One owner fewer for each of `pages`; those left with none go back on the free stack."""
+        if pages.numel() == 0:
             return
+        pages = pages.long().flatten()
+        shared = bool((self.refs[pages] > 1).any())
+        self.refs.index_add_(0, pages, torch.full((pages.numel(),), -1, dtype=torch.int32))
+        freed = pages[self.refs[pages] == 0]
+        if shared:
+            freed = freed.unique()  # a shared page listed by two of its owners at once is freed once
+        count = freed.numel()
         # pushed in reverse, so that allocating the same count again gives the pages back in order
-        self._free[self.pages_free:self.pages_free + count] = pages.to(torch.int32).flip(0)
+        self._free[self.pages_free:self.pages_free + count] = freed.to(torch.int32).flip(0)
         self.pages_free += count
+
+    def copy(self, pages: torch.Tensor) -> torch.Tensor:
+        """Private copies of `pages` (K, V and slot metadata), newly allocated, in the same shape."""
+        flat = pages.long().flatten()
+        fresh = self.allocate(flat.numel()).long()
+        self.storage[:, fresh] = self.storage[:, flat]
+        src = (flat[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+        dst = (fresh[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+        for store in (self.slot_positions, self.slot_scores, self.slot_aux):
+            store[dst] = store[src]
+        return fresh.to(torch.int32).view(pages.shape)
 
     def free_ids(self) -> torch.Tensor:
         return self._free[:self.pages_free]

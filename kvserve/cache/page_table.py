@@ -3,7 +3,9 @@
 The tensors `tables [rows, L, Hkv, max_pages]` and `lengths [rows, L, Hkv]` are persistent and
 updated in place (kernels read them directly); a sequence owns one row for as long as it holds
 cache. Invariants (`check_invariants`): a head of length n owns exactly ceil(n / block_size)
-pages, held in the first entries of its list; every page is free or owned exactly once.
+pages, held in the first entries of its list; every page is free or has as many owners as its
+reference count. A head shares only full pages of its prefix (attached from the prefix cache, or
+given to it), so appending never writes into a shared page.
 """
 
 from __future__ import annotations
@@ -106,6 +108,14 @@ class PageTable:
         """Pages each of `rows` holds across its layers and heads, [n] int64."""
         return _ceil_div(self.lengths[rows].long(), self.block_size).sum(dim=(1, 2))
 
+    def shared_excess(self, rows: torch.Tensor, readers: torch.Tensor) -> torch.Tensor:
+        """Per row, [n] float64: the sum over its pages of 1 - 1/readers[page], what counting each page
+        it shares with others 1/readers instead of 1 takes off its pages held (readers >= 1 where held)."""
+        pages, lens = self.batch_view(rows)
+        held = torch.arange(pages.shape[-1]) < _ceil_div(lens.long(), self.block_size)[..., None]
+        count = readers[pages.long()].double().clamp(min=1)
+        return ((1 - 1 / count) * held).sum(dim=(1, 2, 3))
+
     def owned_pages(self) -> torch.Tensor:
         """Every page some list of this table owns."""
         held = _ceil_div(self.lengths.long(), self.block_size)
@@ -123,23 +133,38 @@ class PageTable:
         pages = max(1, int(_ceil_div(lens.max(), self.block_size)))
         return self.tables[rows, :, :, :pages], lens
 
-    def check_invariants(self, live_rows: list[int] | None = None, others: tuple[PageTable, ...] = ()) -> None:
-        """Raise AssertionError unless every page is free or owned by exactly one head of this table
-        or of `others` (the tables of compressed tiers sharing the pool)."""
+    def attach(self, row: int, pages: torch.Tensor) -> None:
+        """Start the empty `row` from `pages` [k, L, Hkv]: every head's first k pages, full ones (a
+        prefix of k blocks). The caller hands over one reference of each page to the row."""
+        k = pages.shape[0]
+        self.tables[row, :, :, :k] = pages.permute(1, 2, 0)
+        self.lengths[row] = k * self.block_size
+
+    def check_invariants(self, live_rows: list[int] | None = None, others: tuple[PageTable, ...] = (),
+                         cached: torch.Tensor | None = None) -> None:
+        """Raise AssertionError unless every page is free or held by exactly as many owners as its
+        reference count: heads of this table or of `others` (the tables of compressed tiers sharing
+        the pool), and `cached`, the pages the prefix cache holds."""
         rows = [r for r in range(self.tables.shape[0]) if r not in set(self._rows_free)]
         if live_rows is not None:
             assert sorted(rows) == sorted(live_rows), f"rows in use {rows} != live rows {live_rows}"
-        owned = torch.cat([table.owned_pages() for table in (self, *others)])
+        owned = [table.owned_pages() for table in (self, *others)]
+        if cached is not None:
+            owned.append(cached.long().flatten())
         for table in (self, *others):
             assert int(table.lengths.max()) <= table.max_pages * table.block_size
             for r in self._rows_free:
                 assert int(table.lengths[r].abs().sum()) == 0, f"free row {r} holds tokens"
-        assert bool((owned > 0).all()), "a head owns the null page"
-        every = torch.cat([owned, self.pool.free_ids().long()])
-        assert every.numel() == self.pool.capacity, (
-            f"{owned.numel()} owned + {self.pool.pages_free} free != {self.pool.capacity} pages")
-        assert torch.equal(torch.sort(every).values, torch.arange(1, self.pool.num_pages)), \
-            "a page is owned twice or lost"
+        owners = torch.cat(owned)
+        assert bool((owners > 0).all()), "a head owns the null page"
+        pool = self.pool
+        counts = torch.bincount(owners, minlength=pool.num_pages)
+        free = pool.free_ids().long()
+        assert free.unique().numel() == free.numel(), "a page is free twice"
+        assert int(counts[free].sum()) == 0, "a free page has an owner"
+        assert torch.equal(counts[1:].to(torch.int32), pool.refs[1:]), "a page's reference count is not its owners"
+        assert free.numel() + int((counts[1:] > 0).sum()) == pool.capacity, (
+            f"{int((counts[1:] > 0).sum())} owned + {pool.pages_free} free != {pool.capacity} pages")
 
     def evict(self, rows: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop the slots where `keep` is False and give their pages back.

@@ -45,6 +45,7 @@ class EngineConfig:
     kv_policy: str | None = None  # the default policy of requests that name none (name or JSON)
     device: str = "auto"  # auto: cuda when available, else cpu
     scheduling_policy: str = "fcfs"  # priority: requests queue by their `priority` (lower first), then arrival
+    enable_prefix_caching: bool = True  # keep prompt blocks' K/V for later requests with the same prefix
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

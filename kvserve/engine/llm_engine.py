@@ -29,11 +29,22 @@ class EngineStats:
     num_running: int
     num_waiting: int
     pages_total: int
-    pages_free: int
+    pages_free: int  # free, or held only by the prefix cache (which frees them on demand)
     page_bytes: int
     num_preemptions: int
     bytes_held: dict[str, int]  # per policy: KV bytes its running sequences hold (as of the last step)
     tokens_evicted: dict[str, int]  # per policy, since start
+    prefix_cache: PrefixCacheStats | None = None  # None: prefix caching is off
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int  # prompt tokens of admitted requests, since start
+    hits: int  # of those, tokens found in the cache
+    blocks: int  # blocks cached now
+    pages: int  # pages the cache holds
+    pages_shared: int  # pages held by more than one owner (sequences or the cache)
+    blocks_evicted: int  # since start
 
 
 class LLMEngine:
@@ -45,7 +56,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.runner.folder)
         self.scheduler = Scheduler(self.runner.table, config.max_num_seqs, config.max_num_batched_tokens,
                                    prefill_chunk=config.chunked_prefill_size,
-                                   by_priority=config.scheduling_policy == "priority")
+                                   by_priority=config.scheduling_policy == "priority",
+                                   prefix_cache=self.runner.prefix_cache)
         self.policies = PolicyRunner(self.runner.table, self.runner.tiers, self.model_config.group_size,
                                      self.runner.backend.scale, rope_inv_freq(self.model_config))
         self.default_policy = parse_policy(config.kv_policy)
@@ -109,10 +121,13 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
-        pool = self.runner.pool
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), pool.capacity,
-                           pool.pages_free, pool.page_bytes, self.scheduler.num_preemptions,
-                           dict(self._bytes_held), dict(self.policies.tokens_evicted))
+        pool, cache, scheduler = self.runner.pool, self.runner.prefix_cache, self.scheduler
+        prefix = None if cache is None else PrefixCacheStats(
+            scheduler.prefix_cache_queries, scheduler.prefix_cache_hits, len(cache.blocks), int(cache.cached.sum()),
+            int((pool.refs > 1).sum()), cache.blocks_evicted)
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), pool.capacity,
+                           pool.pages_available, pool.page_bytes, scheduler.num_preemptions,
+                           dict(self._bytes_held), dict(self.policies.tokens_evicted), prefix)
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -122,6 +137,7 @@ class LLMEngine:
         if not batch.seqs:
             return []
         result = self.runner.execute(batch, self.policies.observations(batch))
+        self._offer_blocks(batch.seqs)
         self._record_kv_peak(batch.seqs)
         self.policies.after_step(batch, result.meta)
         # one read of the pool serves both the footprint and the gauge: the cache does not change
@@ -134,10 +150,30 @@ class LLMEngine:
         self._snapshot_bytes_held(held)
         return outputs
 
+    def _offer_blocks(self, seqs: list[Sequence]) -> None:
+        """Give the prefix cache the blocks the step completed, before any policy acts on them: every
+        full block of a sequence whose policy never acts (its answer too, for the next turn of a
+        chat), the prompt's full blocks of one whose policy has not acted yet (as copies)."""
+        cache = self.runner.prefix_cache
+        if cache is None:
+            return
+        for seq in seqs:
+            if seq.policy_acted:
+                continue
+            shares = not seq.policy.ever_acts()
+            done = seq.num_computed if shares else min(seq.num_computed, len(seq.prompt_token_ids))
+            blocks = done // cache.block_size
+            if blocks <= seq.blocks_offered:
+                continue
+            if len(seq.block_hashes) < blocks:
+                cache.extend_hashes(seq.block_hashes, seq.token_slice(0, blocks * cache.block_size))
+            cache.insert(seq.row, seq.blocks_offered, seq.block_hashes[seq.blocks_offered:blocks], private=not shares)
+            seq.blocks_offered = blocks
+
     def _record_kv_peak(self, seqs: list[Sequence]) -> None:
         # the peak is reached now, before the policies cut the step's new tokens back
         for seq, pages in zip(seqs, self.runner.kv_pages_held([s.row for s in seqs])):
-            seq.kv_bytes_peak = max(seq.kv_bytes_peak, pages * self.runner.pool.page_bytes)
+            seq.kv_bytes_peak = max(seq.kv_bytes_peak, round(pages * self.runner.pool.page_bytes))
 
     def _record_kv_footprint(self, seqs: list[Sequence], held: dict[str, int]) -> None:
         """Add this step's bytes, after the policies acted, to each batch sequence's footprint (see
@@ -151,7 +187,7 @@ class LLMEngine:
         """KV bytes each running sequence holds now, by request id."""
         running = self.scheduler.running
         pages = self.runner.kv_pages_held([s.row for s in running]) if running else []
-        return {seq.request_id: n * self.runner.pool.page_bytes for seq, n in zip(running, pages)}
+        return {seq.request_id: round(n * self.runner.pool.page_bytes) for seq, n in zip(running, pages)}
 
     def _snapshot_bytes_held(self, held: dict[str, int]) -> None:
         """Per-policy bytes the running sequences hold (`held`, by request id), taken in the engine
@@ -165,7 +201,7 @@ class LLMEngine:
         runner = self.runner
         held = runner.kv_pages_held([seq.row])[0] if seq.row is not None else 0
         full = self.scheduler.pages_for_tokens(seq.num_computed) * runner.pool.page_bytes
-        return KVUsage(seq.policy_params.name, held * runner.pool.page_bytes, full, seq.kv_bytes_peak,
+        return KVUsage(seq.policy_params.name, round(held * runner.pool.page_bytes), full, seq.kv_bytes_peak,
                        seq.kv_footprint_byte_steps, seq.kv_full_footprint_byte_steps)
 
     def _finish(self, seq: Sequence, reason: str | None = None) -> RequestOutput:

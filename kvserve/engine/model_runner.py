@@ -11,6 +11,7 @@ from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.registry import create_backend
 from kvserve.cache.page_pool import PagePool
 from kvserve.cache.page_table import PageTable
+from kvserve.cache.prefix_cache import PrefixCache
 from kvserve.cache.tier import TierSet
 from kvserve.engine.config import EngineConfig
 from kvserve.engine.scheduler import ScheduledBatch
@@ -73,6 +74,8 @@ class ModelRunner:
         self.pool = PagePool(num_pages, config.block_size, mc.head_dim, self.dtype, self.device)
         self.table = PageTable(self.pool, config.max_num_seqs, mc.num_layers, mc.num_kv_heads, self.max_model_len)
         self.tiers = TierSet(self.table, self.max_model_len)
+        self.prefix_cache = (PrefixCache(self.table, f"{self.folder}:{config.dtype}")
+                             if config.enable_prefix_caching else None)
         self.table.release_hooks.append(self.tiers.release_row)
         self.backend = create_backend(config.attention_backend, self.pool.k_pages, self.pool.v_pages,
                                       mc.head_dim ** -0.5)
@@ -145,13 +148,23 @@ class ModelRunner:
                 spans.append(PromptSpan(i, first, end - first))
         return spans
 
-    def kv_pages_held(self, rows: list[int]) -> list[int]:
-        """Pages of the pool each row holds across all its layers and heads, compressed tiers included."""
-        return self.tiers.device_pages_held(torch.tensor(rows, dtype=torch.long)).tolist()
+    def kv_pages_held(self, rows: list[int]) -> list[float]:
+        """Pages of the pool each row holds across all its layers and heads, compressed tiers included;
+        a page n sequences share counts 1/n to each (the prefix cache's own reference is not a sequence's)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        held = self.tiers.device_pages_held(index).double()
+        cache = self.prefix_cache
+        if cache is not None and cache.blocks and index.numel():
+            readers = self.pool.refs - cache.cached.to(torch.int32)  # sequences holding each page
+            if int(readers.max()) > 1:
+                held -= self.table.shared_excess(index, readers)
+        return held.tolist()
 
     def check_invariants(self, live_rows: list[int] | None = None) -> None:
-        """The page table's invariants over the pool, the pages of compressed tiers included."""
-        self.table.check_invariants(live_rows, others=self.tiers.device_tables())
+        """The page table's invariants over the pool, the pages of compressed tiers and of the prefix
+        cache included."""
+        self.table.check_invariants(live_rows, others=self.tiers.device_tables(),
+                                    cached=None if self.prefix_cache is None else self.prefix_cache.pages())
         if live_rows is not None:
             released = torch.ones(self.table.tables.shape[0], dtype=torch.bool)
             released[live_rows] = False

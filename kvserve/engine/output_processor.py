@@ -48,7 +48,8 @@ class OutputProcessor:
             logprobs=logprobs, finished=finished, finish_reason=seq.finish_reason,
             prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
             kv_usage=kv_usage, stop_reason=seq.stop_reason, metrics=seq.metrics if finished else None,
-            prompt_logprobs=seq.prompt_logprobs if first_output and seq.params.prompt_logprobs is not None else None)
+            prompt_logprobs=seq.prompt_logprobs if first_output and seq.params.prompt_logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens or 0)
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token from its row of `logits`, let its override replace it,

@@ -49,6 +49,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     metrics: RequestMetrics | None = None  # set on the final output
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked for
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
 
 
 @dataclass

@@ -48,6 +48,7 @@ class PolicyRunner:
         for i, (seq, count) in enumerate(zip(batch.seqs, batch.counts)):
             if seq.policy.acts(count == 1, seq.num_computed == seq.num_tokens):
                 groups[type(seq.policy)].append(i)
+                seq.policy_acted = True
         for cls, members in groups.items():
             self._run(cls, batch, members, meta)
 

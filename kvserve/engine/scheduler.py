@@ -13,6 +13,11 @@ not fit after the last multiple. The step holds at most `max_num_batched_tokens`
 `max_num_seqs` sequences. When the pool runs out, the running sequence last in queue order is
 preempted: its pages are freed and it goes back into the queue, at its place, to be recomputed.
 
+With a prefix cache, a request is admitted starting from the longest run of its leading blocks
+found there (kvserve/cache/prefix_cache.py), when its policy allows; one whose first uncached
+block a running sequence is prefilling right now waits for it to be cached rather than compute it
+alongside. Cached blocks no sequence holds count as available pages: the pool frees them on demand.
+
 Queue order is arrival order ("fcfs"; then the victim is the most recently admitted sequence, and
 since arrival order is never overtaken nothing starves), or with the "priority" policy each
 request's `priority` (lower first; vLLM's convention), arrival breaking ties: there a steady flow of
@@ -29,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.cache.page_pool import OutOfPages
 from kvserve.cache.page_table import PageTable
+from kvserve.cache.prefix_cache import PrefixCache
 from kvserve.engine.sequence import Sequence, Status
 
 
@@ -45,8 +52,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, table: PageTable, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int | None = None, by_priority: bool = False) -> None:
+                 prefill_chunk: int | None = None, by_priority: bool = False,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.table = table
+        self.prefix_cache = prefix_cache
+        # prompt tokens of admitted requests, and of those the ones found in the prefix cache (vLLM's counters)
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # room for a whole chunk beside a full set of decode tokens
@@ -113,19 +125,39 @@ class Scheduler:
         promised = self._promised_pages()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.table.rows_free:
             seq = self.waiting[0]
-            chunk = self._next_chunk(seq)
-            if chunk > budget:
+            cached = self._cached_blocks(seq)
+            start = cached * self.table.block_size
+            chunk = self._next_chunk(seq, start)
+            if chunk > budget or self._prefix_in_flight(seq, cached):
                 break
             # admit only when the pages its prompt will hold are free beside those promised to the
             # sequences still prefilling, with one page per head of headroom for every running
-            # sequence's next decode steps: prefills are staged, never admitted to evict each other
-            footprint = self.pages_for_tokens(self._footprint(seq))
+            # sequence's next decode steps: prefills are staged, never admitted to evict each other.
+            # Cached blocks it shares are held already; those it copies are pinned while it does.
+            shares = not seq.policy.ever_acts()
+            footprint = self.pages_for_tokens(self._footprint(seq)) - (self._heads * cached if shares else 0)
             headroom = self._heads * (len(self.running) + 1)
-            if footprint + promised + headroom > self.table.pool.pages_free:
+            available = self.table.pool.pages_available
+            if cached:
+                available -= self.prefix_cache.pinned(seq.block_hashes[:cached])
+            if footprint + promised + headroom > available:
                 break
+            row = self.table.acquire_row()
+            if cached:
+                try:
+                    self.prefix_cache.attach(row, seq.block_hashes[:cached], private=not shares)
+                except OutOfPages:
+                    self.table.release_row(row)
+                    break
             promised += footprint
             self.waiting.popleft()
-            seq.row = self.table.acquire_row()
+            seq.row = row
+            seq.num_computed, seq.blocks_offered = start, cached
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = min(start, len(seq.prompt_token_ids))
+                if self.prefix_cache is not None:
+                    self.prefix_cache_queries += len(seq.prompt_token_ids)
+                    self.prefix_cache_hits += seq.num_cached_tokens
             seq.status = Status.RUNNING
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.monotonic()
@@ -135,15 +167,40 @@ class Scheduler:
             budget -= chunk
         return ScheduledBatch(seqs, counts)
 
-    def _next_chunk(self, seq: Sequence) -> int:
+    def _next_chunk(self, seq: Sequence, computed: int | None = None) -> int:
         """Chunks end at multiples of `prefill_chunk`, but the last one starts early enough to hold
-        the prompt-end window its policy reads (and never leaves a 1-token chunk before it)."""
+        the prompt-end window its policy reads (and never leaves a 1-token chunk before it).
+        `computed`: the tokens in the cache when the chunk starts (default: the sequence's now)."""
+        computed = seq.num_computed if computed is None else computed
         last_boundary = (seq.num_tokens - 1) // self.prefill_chunk * self.prefill_chunk
         last_start = min(last_boundary, seq.num_tokens - min(seq.policy.prompt_end_window(), self.prefill_chunk - 1))
-        if seq.num_computed + 1 >= last_start:
-            return seq.num_uncomputed
-        boundary = (seq.num_computed // self.prefill_chunk + 1) * self.prefill_chunk
-        return min(boundary, last_start) - seq.num_computed
+        if computed + 1 >= last_start:
+            return seq.num_tokens - computed
+        boundary = (computed // self.prefill_chunk + 1) * self.prefill_chunk
+        return min(boundary, last_start) - computed
+
+    def _cached_blocks(self, seq: Sequence) -> int:
+        """How many leading blocks of the waiting `seq` it can start from in the prefix cache. Never
+        its last token (its logits are needed) nor the window its policy reads at the prompt's end;
+        none when the request wants prompt logprobs or its policy reads the prompt's chunks."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0
+        cache.extend_hashes(seq.block_hashes, seq.prompt_token_ids)
+        if seq.params.prompt_logprobs is not None or seq.policy.reads_prompt_chunks():
+            return 0
+        usable = (seq.num_tokens - max(1, seq.policy.prompt_end_window())) // self.table.block_size
+        return cache.match(seq.block_hashes[:usable])
+
+    def _prefix_in_flight(self, seq: Sequence, cached: int) -> bool:
+        """Whether the first block `seq` would compute is being prefilled by a running sequence that
+        will cache it: then `seq` waits a step or so and starts from it rather than computing it twice."""
+        if self.prefix_cache is None or cached >= len(seq.block_hashes) or seq.policy.reads_prompt_chunks():
+            return False
+        wanted = seq.block_hashes[cached]
+        bs = self.table.block_size
+        return any(wanted in s.block_hashes[s.num_computed // bs:] for s in self.running
+                   if s.num_uncomputed > 1 and not s.policy_acted)
 
     def _promised_pages(self) -> int:
         """Pages the running sequences still prefilling will take before their prompts are in: what
@@ -161,13 +218,13 @@ class Scheduler:
 
     def _fits(self, seq: Sequence, count: int) -> bool:
         rows = torch.tensor([seq.row])
-        return self.table.pages_needed(rows, torch.tensor([count])) <= self.table.pool.pages_free
+        return self.table.pages_needed(rows, torch.tensor([count])) <= self.table.pool.pages_available
 
     def _fit_decodes(self, decoding: list[Sequence]) -> list[Sequence]:
         """Preempt, last in queue order first, until every decoding sequence's next token fits."""
         while decoding:
             rows = torch.tensor([s.row for s in decoding])
-            if self.table.pages_needed(rows, torch.ones_like(rows)) <= self.table.pool.pages_free:
+            if self.table.pages_needed(rows, torch.ones_like(rows)) <= self.table.pool.pages_available:
                 break
             victim = self._victim()
             self.preempt(victim)
@@ -179,7 +236,8 @@ class Scheduler:
         self.running.remove(seq)
         self.table.release_row(seq.row)
         seq.row = None
-        seq.num_computed = 0
+        seq.num_computed = seq.blocks_offered = 0
+        seq.policy_acted = False
         # the recompute starts from a fresh policy: state such as ThinK's channels is chosen again
         seq.policy = type(seq.policy)(seq.policy_params, seq.policy.prompt_tokens, seq.policy.context_tokens)
         seq.status = Status.WAITING

@@ -62,6 +62,13 @@ class Sequence:
     kv_footprint_byte_steps: int = 0
     kv_full_footprint_byte_steps: int = 0  # the same sum for a full cache over the same steps
     emitted_tokens: int = 0  # output tokens already handed to the caller
+    # prefix caching: the hashes of the token blocks known so far, how many leading blocks the cache
+    # has been offered (or the sequence started from), whether its policy has acted on its pages yet
+    # (from then on they no longer hold its blocks as computed), and the prompt tokens it found cached
+    block_hashes: list[bytes] = field(default_factory=list)
+    blocks_offered: int = 0
+    policy_acted: bool = False
+    num_cached_tokens: int | None = None
     token_override: TokenOverride | None = None
 
     @property

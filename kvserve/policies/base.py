@@ -16,7 +16,13 @@ Invariants every policy keeps:
 - where `acts(...)` says it does not act on a sequence in a step, `act` would change nothing of it:
   the runner leaves that sequence out;
 - a policy that compresses rather than drops moves tokens into a tier (`PolicyStep.transfers`):
-  the moved slots leave the full-precision pages as if evicted, but their tokens stay attended.
+  the moved slots leave the full-precision pages as if evicted, but their tokens stay attended;
+- it never changes a page another sequence reads (prefix caching, kvserve/cache/prefix_cache.py):
+  a sequence whose policy `ever_acts` holds no shared page (it starts from copies of cached pages and
+  caches copies of its own), and one whose policy does not shares pages it never writes;
+- a sequence may start from a cached prompt prefix, skipping its prefill, only when its policy
+  neither acts on nor observes a chunk that does not complete the prompt (`reads_prompt_chunks`):
+  then what it does is the same whether the prefix was computed or found.
 """
 
 from __future__ import annotations
@@ -190,6 +196,16 @@ class Policy:
         must return None and leave scores and aux as they are: the runner leaves the sequence out,
         so a policy that compresses once costs its decode steps nothing."""
         return type(self).act.__func__ is not Policy.act.__func__
+
+    def ever_acts(self) -> bool:
+        """Whether `act` may change this sequence in any step (False: its pages can be shared)."""
+        return any(self.acts(decoding, done) for decoding in (False, True) for done in (False, True))
+
+    def reads_prompt_chunks(self) -> bool:
+        """Whether the policy acts on, or observes, a prefill chunk that does not complete the prompt
+        (False: a cached prompt prefix may stand in for its prefill)."""
+        return self.acts(False, False) or any(window(chunk, False) for chunk in (1, 1 << 20)
+                                              for window in (self.prefill_window, self.query_window))
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:

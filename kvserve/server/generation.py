@@ -38,6 +38,7 @@ class Sample:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # from the first output, when asked for
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, found in the prefix cache
     completion_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -51,6 +52,7 @@ class Sample:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.prompt_tokens = out.prompt_tokens
+        self.cached_tokens = out.num_cached_tokens
         self.completion_tokens = out.completion_tokens
         if out.finished:
             self.finish_reason, self.stop_reason, self.kv_usage = out.finish_reason, out.stop_reason, out.kv_usage
@@ -130,6 +132,14 @@ class Generation:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache, each prompt counted once (by its least cached sample)."""
+        least: dict[int, int] = {}
+        for s in self.samples:
+            least[s.prompt_index] = min(least.get(s.prompt_index, s.cached_tokens), s.cached_tokens)
+        return sum(least.values())
 
     @property
     def completion_tokens(self) -> int:

@@ -148,6 +148,7 @@ class _EngineCollector(Collector):
         names, values = list(self.labels), list(self.labels.values())
         stats = self.engine.stats()
         in_use = stats.pages_total - stats.pages_free
+        prefix = stats.prefix_cache
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             family = GaugeMetricFamily(name, doc, labels=names)
@@ -158,11 +159,28 @@ class _EngineCollector(Collector):
         yield gauge("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", self.admission.waiting())
         yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).",
                     in_use / stats.pages_total if stats.pages_total else 0.0)
-        yield gauge("kvserve:kv_pages_in_use", "KV pages owned by sequences.", in_use)
-        yield gauge("kvserve:kv_pages_free", "KV pages free in the pool.", stats.pages_free)
+        yield gauge("kvserve:kv_pages_in_use", "KV pages held by sequences.", in_use)
+        yield gauge("kvserve:kv_pages_free", "KV pages free in the pool, cached blocks no sequence holds included "
+                    "(freed on demand).", stats.pages_free)
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions by the scheduler.", labels=names)
         preemptions.add_metric(values, stats.num_preemptions)
         yield preemptions
+        if prefix is not None:
+            for name, doc, value, kind in (
+                    ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", prefix.queries,
+                     CounterMetricFamily),
+                    ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", prefix.hits,
+                     CounterMetricFamily),
+                    ("kvserve:prefix_cache_blocks_evicted", "Cached blocks evicted for their pages.",
+                     prefix.blocks_evicted, CounterMetricFamily),
+                    ("kvserve:prefix_cache_blocks", "Blocks in the prefix cache.", prefix.blocks, GaugeMetricFamily),
+                    ("kvserve:prefix_cache_pages", "KV pages the prefix cache holds.", prefix.pages,
+                     GaugeMetricFamily),
+                    ("kvserve:kv_pages_shared", "KV pages held by more than one owner (sequences, the prefix "
+                     "cache).", prefix.pages_shared, GaugeMetricFamily)):
+                family = kind(name, doc, labels=names)
+                family.add_metric(values, value)
+                yield family
 
         held = GaugeMetricFamily("kvserve:kv_bytes_held", "KV cache bytes held now, per policy.",
                                  labels=[*names, "policy"])

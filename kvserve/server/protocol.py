@@ -287,16 +287,23 @@ class KVCacheUsage(BaseModel):
     full_footprint_byte_steps: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     kv_cache: KVCacheUsage | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, kv_cache: KVCacheUsage | None = None) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, kv_cache: KVCacheUsage | None = None,
+           cached_tokens: int = 0) -> Usage:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens, kv_cache=kv_cache)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens), kv_cache=kv_cache)
 
 
 class CompletionLogprobs(BaseModel):

@@ -262,7 +262,7 @@ def prompt_logprobs_body(logprobs: list[TokenLogprob | None]) -> PromptLogprobs:
 
 def sample_usage(sample: Sample, completion_tokens: int) -> Usage:
     """One choice's counts at a chunk (vLLM's continuous usage stats): its prompt and its tokens sent."""
-    return Usage.of(len(sample.prompt_ids), completion_tokens)
+    return Usage.of(len(sample.prompt_ids), completion_tokens, cached_tokens=sample.cached_tokens)
 
 
 def usage(gen: Generation) -> Usage:
@@ -275,7 +275,7 @@ def usage(gen: Generation) -> Usage:
                                 full_bytes=sum(u.full_bytes for u in kv), peak_bytes=sum(u.peak_bytes for u in kv),
                                 footprint_byte_steps=sum(u.footprint_byte_steps for u in kv),
                                 full_footprint_byte_steps=sum(u.full_footprint_byte_steps for u in kv))
-    return Usage.of(gen.prompt_tokens, gen.completion_tokens, kv_cache)
+    return Usage.of(gen.prompt_tokens, gen.completion_tokens, kv_cache, gen.cached_tokens)
 
 
 @contextmanager
