@@ -38,6 +38,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds per run; then nothing more is sent and in-flight requests are cancelled")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes")
+    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                        help="chat: /v1/chat/completions, a document or conversation as the system message")
+    parser.add_argument("--reset-prefix-cache", action="store_true",
+                        help="POST /reset_prefix_cache before each run (kvserve, vLLM): runs do not reuse each "
+                             "other's prompts")
 
 
 def config_from(args: argparse.Namespace, **load: object) -> RunConfig:
@@ -46,7 +51,8 @@ def config_from(args: argparse.Namespace, **load: object) -> RunConfig:
                      prefix_len=args.prefix_len, num_docs=args.num_docs, burstiness=args.burstiness, seed=args.seed,
                      slo=args.slo,
                      max_duration=args.max_duration, request_timeout=args.request_timeout,
-                     scrape_interval=args.scrape_interval, **load)  # type: ignore[arg-type]
+                     scrape_interval=args.scrape_interval, reset_prefix_cache=args.reset_prefix_cache,
+                     endpoint=args.endpoint, **load)  # type: ignore[arg-type]
 
 
 def rate(text: str) -> float | None:

@@ -1,9 +1,9 @@
 """One streamed completion, timed the way `vllm bench serve` times it.
 
-POST /v1/completions with `stream: true` and `stream_options.include_usage`; every SSE event that
-carries `choices` is a chunk: the first one's arrival is the TTFT, the gaps between the following
-ones are the ITLs, the last one's arrival ends the request (E2E). The output token count is the
-final usage event's `completion_tokens` (servers without usage: the number of chunks)."""
+POST /v1/completions (or /v1/chat/completions) with `stream: true` and `stream_options.include_usage`;
+every SSE event that carries `choices` is a chunk: the first one's arrival is the TTFT, the gaps
+between the following ones are the ITLs, the last one's arrival ends the request (E2E). The output
+token count is the final usage event's `completion_tokens` (servers without usage: the number of chunks)."""
 
 from __future__ import annotations
 
@@ -48,12 +48,22 @@ class RequestResult:
         return (self.error or "").split(":")[0]
 
 
-def request_body(sample: Sample, model: str, policy: dict[str, Any] | None) -> dict[str, Any]:
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+def request_body(sample: Sample, model: str, policy: dict[str, Any] | None, endpoint: str = "completions"
+                 ) -> dict[str, Any]:
     """Greedy, EOS ignored so that output lengths are the ones asked for; `kv_policy` only when given,
-    so servers that reject unknown fields still work."""
-    body: dict[str, Any] = {"model": model, "prompt": sample.prompt, "max_tokens": sample.output_len,
-                            "temperature": 0, "ignore_eos": True, "stream": True,
-                            "stream_options": {"include_usage": True}}
+    so servers that reject unknown fields still work. A chat request sends the sample's context, if it
+    has one, as the system message and the rest of its prompt as the user's."""
+    body: dict[str, Any] = {"model": model, "max_tokens": sample.output_len, "temperature": 0, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if endpoint == "chat":
+        context = sample.context or ""
+        body["messages"] = ([{"role": "system", "content": context}] if context else []) + [
+            {"role": "user", "content": sample.prompt[len(context):].strip()}]
+    else:
+        body["prompt"] = sample.prompt
     if policy is not None:
         body["kv_policy"] = policy
     return body
@@ -63,8 +73,9 @@ async def stream_completion(client: httpx.AsyncClient, index: int, sample: Sampl
                             body: dict[str, Any]) -> RequestResult:
     """Never raises for a failed request: the failure is in the result (cancellation still propagates)."""
     result = RequestResult(index=index, send=time.perf_counter(), prompt_tokens=approx_tokens(sample.prompt))
+    path = ENDPOINTS["chat" if "messages" in body else "completions"]
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", path, json=body) as response:
             result.status = response.status_code
             if response.status_code != 200:
                 await response.aread()
@@ -99,7 +110,8 @@ async def _read_events(response: httpx.Response, result: RequestResult) -> None:
                 result.itl.append(now - last)
             last = now
             chunks += 1
-            result.text += event["choices"][0].get("text") or ""
+            choice = event["choices"][0]
+            result.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
         usage = event.get("usage")
         if usage:
             result.output_tokens = usage.get("completion_tokens", chunks)

@@ -32,6 +32,8 @@ class Sample:
     prompt: str
     output_len: int
     expected: str | None = None
+    # the prompt's leading part that a chat request sends as its system message (the rest is the user's)
+    context: str | None = None
 
 
 def approx_tokens(text: str) -> int:
@@ -90,7 +92,7 @@ def document_samples(count: int, docs: int, input_len: int, output_len: int, see
     multi-request mode), what a prefix cache serves. Correct when the completion has the passkey."""
     documents = _documents(docs, input_len, seed)
     return [Sample(f"{documents[i % docs][0]}\nQuiz {i // docs + 1}.{QUESTION}", output_len,
-                   documents[i % docs][1].passkey) for i in range(count)]
+                   documents[i % docs][1].passkey, documents[i % docs][0]) for i in range(count)]
 
 
 def multi_turn_samples(count: int, conversations: int, input_len: int, output_len: int, seed: int) -> list[Sample]:
@@ -103,7 +105,8 @@ def multi_turn_samples(count: int, conversations: int, input_len: int, output_le
     turns = -(-count // conversations)
     exchanges = [[f"\nUser: {random_words(rng, 12)}?\nAssistant: {random_words(rng, 24)}." for _ in range(turns)]
                  for _ in range(conversations)]
-    return [Sample(documents[c][0] + "".join(exchanges[c][:t]) + QUESTION, output_len, documents[c][1].passkey)
+    return [Sample(documents[c][0] + "".join(exchanges[c][:t]) + QUESTION, output_len, documents[c][1].passkey,
+                   documents[c][0] + "".join(exchanges[c][:t]))
             for c, t in ((i % conversations, i // conversations) for i in range(count))]
 
 

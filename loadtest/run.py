@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from loadtest.arrivals import arrival_gaps
-from loadtest.client import RequestResult, request_body, stream_completion
+from loadtest.client import ENDPOINTS, RequestResult, request_body, stream_completion
 from loadtest.datasets import Sample, build_samples
 from loadtest.metrics import summarize
 from loadtest.policies import policy_label
@@ -44,12 +44,16 @@ class RunConfig:
     max_duration: float = 600.0
     request_timeout: float = 300.0
     scrape_interval: float = 1.0
+    reset_prefix_cache: bool = False  # POST /reset_prefix_cache first (kvserve, vLLM): each run starts cold
+    endpoint: str = "completions"  # or "chat"
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
             raise ValueError("--num-requests must be at least 1")
         if self.num_docs < 1:
             raise ValueError("--num-docs must be at least 1")
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError("--concurrency must be at least 1")
         if self.max_duration <= 0:
@@ -77,7 +81,9 @@ async def run_async(config: RunConfig, prefix: str = "") -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=config.url.rstrip("/"), headers=headers, limits=limits,
                                  timeout=timeout) as client:
         model = config.model or await first_model(client)
-        bodies = [request_body(s, model, config.policy) for s in samples]
+        if config.reset_prefix_cache:
+            (await client.post("/reset_prefix_cache")).raise_for_status()
+        bodies = [request_body(s, model, config.policy, config.endpoint) for s in samples]
         label = f"{policy_label(config.policy)} @ {config.load}"
         progress = Progress(len(samples), f"{prefix} {label}".strip())
         scraper = Scraper(client, start=time.perf_counter(), interval=config.scrape_interval)

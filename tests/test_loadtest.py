@@ -64,6 +64,18 @@ def test_cli_closed_loop_passkey_run_writes_its_result(server, tmp_path, capsys)
     assert "4/4 requests" in out.err  # the progress line
 
 
+def test_a_documents_run_from_a_cold_cache_reports_its_hit_rate(server, tmp_path):
+    assert main(["run", "--url", server, "--dataset", "documents", "--num-docs", "1", "--num-requests", "4",
+                 "--concurrency", "1", "--input-len", "200", "--output-len", "4", "--reset-prefix-cache",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    check_consistent(result, 4)
+    cached = [r["cached_tokens"] for r in result["requests"]]  # in send order: the first computes the document
+    assert cached[0] == 0 and all(c >= 128 for c in cached[1:]), cached
+    assert result["summary"]["prefix_cache_hit_rate"] == sum(cached) / result["summary"]["total_input_tokens"]
+    assert result["summary"]["accuracy"] is not None
+
+
 def test_a_run_stops_at_max_duration_and_counts_failures_by_status(server):
     result = run(RunConfig(url=server, num_requests=3, concurrency=3, input_len=64, output_len=2000,
                            max_duration=1.5))

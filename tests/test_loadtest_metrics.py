@@ -114,11 +114,33 @@ def sse(*events: object) -> bytes:
     return "".join(lines).encode()
 
 
-def run_stream(handler, sample: Sample) -> RequestResult:  # noqa: ANN001
+def run_stream(handler, sample: Sample, endpoint: str = "completions") -> RequestResult:  # noqa: ANN001
     async def go() -> RequestResult:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as client:
-            return await stream_completion(client, 0, sample, request_body(sample, "m", {"name": "full"}))
+            body = request_body(sample, "m", {"name": "full"}, endpoint)
+            return await stream_completion(client, 0, sample, body)
     return asyncio.run(go())
+
+
+def test_a_chat_run_sends_the_context_as_the_system_message_and_reads_deltas():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, json.loads(request.content)))
+        usage = {"prompt_tokens": 30, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 16}}
+        return httpx.Response(200, content=sse({"choices": [{"delta": {"role": "assistant"}}]},
+                                                {"choices": [{"delta": {"content": "It is"}}]},
+                                                {"choices": [{"delta": {"content": " 42"}}]},
+                                                {"choices": [], "usage": usage}))
+
+    r = run_stream(handler, Sample("A long document.\nWhat is it?", 2, "42", context="A long document."), "chat")
+    path, body = seen[0]
+    assert path == "/v1/chat/completions" and "prompt" not in body
+    assert body["messages"] == [{"role": "system", "content": "A long document."},
+                                {"role": "user", "content": "What is it?"}]
+    assert r.text == "It is 42" and r.correct and r.cached_tokens == 16
+    run_stream(handler, Sample("Just a question?", 2), "chat")
+    assert seen[1][1]["messages"] == [{"role": "user", "content": "Just a question?"}]
 
 
 def test_stream_parsing_takes_tokens_and_kv_bytes_from_usage():

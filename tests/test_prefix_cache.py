@@ -17,7 +17,7 @@ from kvserve.cache.page_table import PageTable
 from kvserve.cache.prefix_cache import PrefixCache
 from kvserve.cli import add_engine_args, engine_config
 from kvserve.engine.config import EngineConfig
-from kvserve.engine.llm_engine import LLMEngine
+from kvserve.engine.llm_engine import InvalidRequest, LLMEngine
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import QUESTION, passkey_prompt
 
@@ -35,7 +35,14 @@ def check_cached_blocks_untouched(cache: PrefixCache) -> None:
         assert bool((positions[..., 0] % BLOCK == 0).all())
 
 
-operations = st.lists(st.tuples(st.sampled_from(["admit", "finish", "grow", "compact", "evict"]),
+def held_slots(entry, block: int) -> torch.Tensor:
+    """The pool slots a compressed prefix's heads hold."""
+    flat = (entry.pages.long()[..., None] * block + torch.arange(block)).flatten(-2)
+    return flat[torch.arange(flat.shape[-1]) < entry.lengths.long()[..., None]]
+
+
+operations = st.lists(st.tuples(st.sampled_from(["admit", "finish", "grow", "compact", "evict", "store",
+                                                 "attach"]),
                                 st.integers(0, 5), st.booleans(), st.integers(1, 9)), max_size=40)
 
 
@@ -46,6 +53,7 @@ def test_random_traffic_keeps_every_page_free_cached_or_owned(ops):
     table = PageTable(pool, 4, LAYERS, HEADS, 40)
     cache = PrefixCache(table, "test")
     live: dict[int, tuple[list[int], bool]] = {}  # row -> (its tokens, whether its pages are private)
+    stored: dict[bytes, torch.Tensor] = {}  # compressed prefix -> its slots' positions when stored
 
     def append(row: int, tokens: list[int], start: int) -> None:
         positions = torch.arange(start, len(tokens))
@@ -89,8 +97,28 @@ def test_random_traffic_keeps_every_page_free_cached_or_owned(ops):
             table.evict(torch.tensor([row]), keep[None])
         elif op == "evict":
             cache.evict(count * LAYERS * HEADS)
+        elif op == "store" and any(p for _, p in live.values()):
+            # a builder finishing: what its compacted row holds is cached as a compressed prefix, then it goes
+            row = sorted(r for r, (_, p) in live.items() if p)[pick % sum(p for _, p in live.values())]
+            key = bytes([pick])
+            if key not in cache.compressed:
+                cache.store_compressed(key, row, len(live[row][0]))
+                stored[key] = pool.slot_positions[held_slots(cache.compressed[key], BLOCK)].clone()
+            table.release_row(row)
+            del live[row]
+        elif op == "attach" and cache.compressed and table.rows_free:
+            key = sorted(cache.compressed)[pick % len(cache.compressed)]
+            row = table.acquire_row()
+            try:
+                tokens = cache.attach_compressed(row, key)
+            except OutOfPages:
+                table.release_row(row)
+            else:
+                live[row] = (list(range(tokens)), False)  # it shares the prefix: it only appends
         table.check_invariants(live_rows=list(live), cached=cache.pages())
         check_cached_blocks_untouched(cache)
+        for key, entry in cache.compressed.items():  # nothing moved or overwrote a compressed prefix's tokens
+            assert torch.equal(pool.slot_positions[held_slots(entry, BLOCK)], stored[key])
         assert pool.pages_available == pool.pages_free + cache.pages_evictable()
     for row in list(live):
         table.release_row(row)
@@ -267,6 +295,24 @@ def test_usage_and_metrics_report_the_cached_prompt_tokens(server):
     assert counter("vllm:prefix_cache_queries_total") - queries == prompts
     assert counter("vllm:prefix_cache_hits_total") - hits == 2 * second.prompt_tokens_details.cached_tokens
     assert counter("kvserve:prefix_cache_pages") > 0
+    shared = {"name": "snapkv", "ratio": 0.5, "share_prefix": True}
+    compressed = [client.chat.completions.create(
+        model=MODEL, max_tokens=4, temperature=0, extra_body={"kv_policy": shared},
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]).usage
+        for i in (4, 5)]
+    # both start from the system prompt compressed once (its whole blocks), built for the first
+    assert compressed[0].prompt_tokens_details.cached_tokens == compressed[1].prompt_tokens_details.cached_tokens
+    assert compressed[0].prompt_tokens_details.cached_tokens >= second.prompt_tokens_details.cached_tokens - 16
+    assert counter("kvserve:prefix_cache_compressed") == 1
+    with pytest.raises(openai.BadRequestError) as refused:  # a completion has no context to share
+        client.completions.create(model=MODEL, prompt=system, max_tokens=2, extra_body={"kv_policy": shared})
+    assert refused.value.body["param"] == "kv_policy.share_prefix"
+    # a cold cache on demand (the benchmarks' reset): the same prompt again finds nothing
+    assert httpx.post(f"{server}/reset_prefix_cache").status_code == 200
+    again = client.chat.completions.create(
+        model=MODEL, max_tokens=4, temperature=0,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Question 1?"}])
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_prefix_caching_is_on_to_serve_and_off_to_benchmark_unless_asked():
@@ -277,3 +323,56 @@ def test_prefix_caching_is_on_to_serve_and_off_to_benchmark_unless_asked():
     assert not engine_config(serve.parse_args(["--no-enable-prefix-caching"])).enable_prefix_caching
     assert not engine_config(bench.parse_args([])).enable_prefix_caching
     assert engine_config(bench.parse_args(["--enable-prefix-caching"])).enable_prefix_caching
+
+
+SHARED = {"name": "snapkv", "ratio": 0.25, "share_prefix": True}
+
+
+def shared_requests(engine, doc: list[int], questions: list[str]) -> dict[str, object]:
+    """Chat-like requests over `doc` (their context) with SHARED; each one's final output, by id."""
+    for q in questions:
+        engine.add_request(q, doc + question(engine, q), GREEDY, SHARED, context_tokens=len(doc))
+    tokens: dict[str, list[int]] = {q: [] for q in questions}
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finals[out.request_id] = (out, tokens[out.request_id])
+    return finals
+
+
+def test_a_compressed_prefix_is_built_once_shared_by_every_request_and_never_changed(engine):
+    doc, _ = document(engine, 1200, seed=11)
+    pool, cache, block = engine.runner.pool, engine.runner.prefix_cache, engine.runner.table.block_size
+    prefix = len(doc) // block * block
+    finals = shared_requests(engine, doc, ["s0", "s1", "s2"])
+    assert sorted(finals) == ["s0", "s1", "s2"]  # the builder's own output stays inside the engine
+    assert all(out.num_cached_tokens == prefix for out, _ in finals.values())
+    (entry,) = cache.compressed.values()
+    assert entry.tokens == prefix
+    # a quarter of the prefix per head (SnapKV's budget), the reconstruction prompt's tokens dropped
+    budget = -(-prefix // 4)
+    assert bool((entry.lengths <= budget + 1).all()) and bool((entry.lengths >= budget - 32).all())
+    flat = (entry.pages.long()[..., None] * block + torch.arange(block)).flatten(-2)  # [L, Hkv, P * block]
+    slots = flat[torch.arange(flat.shape[-1]) < entry.lengths.long()[..., None]]  # the slots its heads hold
+    assert int(pool.slot_positions[slots].max()) < prefix
+    # the three shared it: at their end each held its own pages and a third of the prefix's, or less
+    own = engine.scheduler.pages_for_tokens(len(question(engine, "s0")) + GREEDY.max_tokens + 2 * block)
+    assert all(out.kv_usage.bytes <= (entry.owned.numel() + own) * pool.page_bytes for out, _ in finals.values())
+
+    snapshot = pool.storage[:, entry.owned].clone(), pool.slot_positions[slots].clone()
+    pool.storage[:, pool.free_ids().long()] = float("nan")
+    again = shared_requests(engine, doc, ["s0", "s3"])
+    assert again["s0"][1] == finals["s0"][1]  # the same compressed prefix and question: the same answer
+    assert cache.compressed[next(iter(cache.compressed))] is entry  # found, not built again
+    assert torch.equal(pool.storage[:, entry.owned], snapshot[0])
+    assert torch.equal(pool.slot_positions[slots], snapshot[1])
+
+
+def test_share_prefix_needs_a_context_and_prefix_caching(engine, uncached):
+    doc, _ = document(engine, 300, seed=12)
+    for eng, context in ((engine, None), (engine, 5), (uncached, len(doc))):
+        with pytest.raises(InvalidRequest) as error:
+            eng.add_request("bad", doc, GREEDY, SHARED, context_tokens=context)
+        assert error.value.param == "kv_policy.share_prefix"

@@ -140,6 +140,12 @@ class PageTable:
         self.tables[row, :, :, :k] = pages.permute(1, 2, 0)
         self.lengths[row] = k * self.block_size
 
+    def attach_heads(self, row: int, pages: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Start the empty `row` from `pages` [L, Hkv, P] with each head's `lengths` [L, Hkv] (a head's
+        pages first, the null page after). The caller hands over one reference of each page to the row."""
+        self.tables[row, :, :, :pages.shape[-1]] = pages
+        self.lengths[row] = lengths
+
     def check_invariants(self, live_rows: list[int] | None = None, others: tuple[PageTable, ...] = (),
                          cached: torch.Tensor | None = None) -> None:
         """Raise AssertionError unless every page is free or held by exactly as many owners as its

@@ -17,6 +17,11 @@ cached prefix with the cache and other such sequences for its whole life: it onl
 pages of its own past its full prefix pages. A sequence whose policy acts (evicts, compacts, moves
 tokens into a tier, writes slot scores) never shares a page: it starts from copies of the cached
 pages and gives the cache copies of its own (`private`).
+
+Beside blocks, the cache keeps compressed prefixes: the pages a policy left of a prompt prefix, each
+head with its own length, under a key naming the prefix and the policy. Requests that attach one
+share its full pages and copy each head's partial last page, the one they would append to; a
+compressed prefix is evicted like a block, when no sequence holds its pages.
 """
 
 from __future__ import annotations
@@ -25,11 +30,22 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kvserve.cache.page_pool import OutOfPages
 from kvserve.cache.page_table import PageTable
+
+
+@dataclass
+class CompressedPrefix:
+    """What a policy kept of a prompt prefix: per (layer, KV head) its pages and length."""
+
+    pages: torch.Tensor  # [L, Hkv, P] int32, the null page past each head's own
+    lengths: torch.Tensor  # [L, Hkv] int32
+    owned: torch.Tensor  # [N] int64: the pages it holds, each once
+    tokens: int  # the prefix's tokens (positions 0 .. tokens - 1), before compression
 
 
 class PrefixCache:
@@ -40,6 +56,7 @@ class PrefixCache:
         self._root = hashlib.blake2b(salt.encode(), digest_size=16).digest()
         # block hash -> its pages [L, Hkv] (int32), least recently used first
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.compressed: OrderedDict[bytes, CompressedPrefix] = OrderedDict()  # key -> it, least recent first
         self.cached = torch.zeros(pool.num_pages, dtype=torch.bool)  # pages some block holds
         self.blocks_evicted = 0
         pool.evictable = self.pages_evictable
@@ -62,11 +79,15 @@ class PrefixCache:
                 return i
         return len(hashes)
 
-    def pinned(self, hashes: Sequence[bytes]) -> int:
-        """Evictable pages among the cached blocks `hashes`: what attaching them takes out of reach."""
-        if not hashes:
+    def pinned(self, hashes: Sequence[bytes] = (), compressed: bytes | None = None) -> int:
+        """Evictable pages among the cached blocks `hashes` or of the compressed prefix `compressed`:
+        what attaching them takes out of reach."""
+        if compressed is not None:
+            pages = self.compressed[compressed].owned
+        elif hashes:
+            pages = torch.stack([self.blocks[h] for h in hashes]).long()
+        else:
             return 0
-        pages = torch.stack([self.blocks[h] for h in hashes]).long()
         return int((self.pool.refs[pages] == 1).sum())
 
     def attach(self, row: int, hashes: Sequence[bytes], private: bool) -> None:
@@ -106,30 +127,69 @@ class PrefixCache:
             self.cached[pages.long().flatten()] = True
         self._touch(hashes)
 
+    def store_compressed(self, key: bytes, row: int, tokens: int) -> None:
+        """Cache what `row` holds, a compressed prefix of `tokens` tokens, under `key` (kept as it is
+        when one is cached already). The cache takes a reference of each page; the row keeps its own."""
+        if key in self.compressed:
+            return
+        pages, lengths = self.table.batch_view(torch.tensor([row]))
+        pages, lengths = pages[0].clone(), lengths[0].clone()
+        held = torch.arange(pages.shape[-1]) < -(-lengths.long() // self.block_size)[..., None]
+        owned = pages[held].long()
+        self.pool.share(owned)
+        self.cached[owned] = True
+        self.compressed[key] = CompressedPrefix(pages.masked_fill(~held, 0), lengths, owned, tokens)
+
+    def attach_compressed(self, row: int, key: bytes) -> int:
+        """Start the empty `row` from the compressed prefix `key`: its full pages shared, each head's
+        partial last page copied (the row appends there). Returns the tokens it stands for; raises
+        OutOfPages, changing nothing, when the copies do not fit."""
+        entry = self.compressed[key]
+        self.pool.share(entry.owned)
+        partial = entry.lengths % self.block_size != 0
+        last = (entry.lengths.long() - 1).clamp(min=0) // self.block_size
+        pages = entry.pages.clone()
+        if bool(partial.any()):
+            originals = pages.gather(-1, last[..., None])[..., 0][partial]
+            try:
+                copies = self.pool.copy(originals)
+            except OutOfPages:
+                self.pool.release(entry.owned)
+                raise
+            self.pool.release(originals)
+            column = pages.gather(-1, last[..., None])[..., 0]
+            column[partial] = copies
+            pages.scatter_(-1, last[..., None], column[..., None])
+        self.table.attach_heads(row, pages, entry.lengths)
+        self.compressed.move_to_end(key)
+        return entry.tokens
+
     def _touch(self, hashes: Sequence[bytes]) -> None:
         for block in reversed(hashes):
             self.blocks.move_to_end(block)
 
     def pages_evictable(self) -> int:
-        """Pages of cached blocks that no sequence holds."""
-        if not self.blocks:
+        """Pages of cached blocks and compressed prefixes that no sequence holds."""
+        if not self.blocks and not self.compressed:
             return 0
         return int((self.cached & (self.pool.refs == 1)).sum())
 
     def evict(self, pages_wanted: int) -> int:
-        """Free least recently used blocks that no sequence holds until `pages_wanted` pages are freed
-        or none is left; returns the pages freed."""
+        """Free least recently used blocks, then compressed prefixes, that no sequence holds until
+        `pages_wanted` pages are freed or none is left; returns the pages freed."""
         freed = 0
-        for block in list(self.blocks):
-            if freed >= pages_wanted:
-                break
-            pages = self.blocks[block].long()
-            if bool((self.pool.refs[pages] == 1).all()):
-                del self.blocks[block]
-                self.cached[pages.flatten()] = False
-                self.pool.release(pages)
-                freed += pages.numel()
-                self.blocks_evicted += 1
+        for entries in (self.blocks, self.compressed):
+            for key in list(entries):
+                if freed >= pages_wanted:
+                    return freed
+                entry = entries[key]
+                pages = entry.owned if isinstance(entry, CompressedPrefix) else entry.long().flatten()
+                if bool((self.pool.refs[pages] == 1).all()):
+                    del entries[key]
+                    self.cached[pages] = False
+                    self.pool.release(pages)
+                    freed += pages.numel()
+                    self.blocks_evicted += 1
         return freed
 
     def clear(self) -> int:
@@ -138,6 +198,5 @@ class PrefixCache:
 
     def pages(self) -> torch.Tensor:
         """Every page the cache holds (a reference each)."""
-        if not self.blocks:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.stack(list(self.blocks.values())).long().flatten()
+        held = [p.long().flatten() for p in self.blocks.values()] + [c.owned for c in self.compressed.values()]
+        return torch.cat(held) if held else torch.zeros(0, dtype=torch.long)

@@ -81,6 +81,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache's blocks no request holds, in the engine thread before its next step."""
+        self._send("reset_prefix_cache", None)
+
     def abort_all(self) -> None:
         """Abort every request being streamed; each still ends with its output (finish_reason "abort")."""
         for request_id in list(self._queues):
@@ -117,6 +121,8 @@ class AsyncEngine:
                     self.engine.add_request(**payload)
                 except ValueError as e:
                     self._deliver(request_id, e)
+            elif kind == "reset_prefix_cache":
+                self.engine.reset_prefix_cache()
             else:
                 out = self.engine.abort(payload)
                 if out is not None:

@@ -19,6 +19,7 @@ from kvserve.engine.policy_runner import PolicyRunner
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.sequence import Sequence, TokenOverride
+from kvserve.engine.shared_prefix import SharedPrefixes
 from kvserve.model.llama import rope_inv_freq
 from kvserve.model.loader import load_tokenizer
 from kvserve.policies.registry import create_policy, parse_policy
@@ -42,9 +43,10 @@ class PrefixCacheStats:
     queries: int  # prompt tokens of admitted requests, since start
     hits: int  # of those, tokens found in the cache
     blocks: int  # blocks cached now
+    compressed: int  # compressed prefixes cached now (share_prefix)
     pages: int  # pages the cache holds
     pages_shared: int  # pages held by more than one owner (sequences or the cache)
-    blocks_evicted: int  # since start
+    blocks_evicted: int  # blocks and compressed prefixes, since start
 
 
 class LLMEngine:
@@ -61,6 +63,7 @@ class LLMEngine:
         self.policies = PolicyRunner(self.runner.table, self.runner.tiers, self.model_config.group_size,
                                      self.runner.backend.scale, rope_inv_freq(self.model_config))
         self.default_policy = parse_policy(config.kv_policy)
+        self.shared_prefixes = SharedPrefixes(self.runner.prefix_cache, self.scheduler, self.tokenizer)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -91,7 +94,12 @@ class LLMEngine:
         if policy_params.scope == "context" and context_tokens is None:
             raise InvalidRequest("kv_policy.scope: 'context' needs a chat request with a user message (the context "
                                  "is what precedes the last one)", "kv_policy.scope")
-        policy = create_policy(policy_params, len(prompt_token_ids), context_tokens)
+        shared_prefix, shared_tokens = None, 0
+        if self.shared_prefixes.wanted(policy_params):
+            shared_prefix, shared_tokens = self.shared_prefixes.key(prompt_token_ids, policy_params, context_tokens)
+            policy = self.shared_prefixes.serving_policy(len(prompt_token_ids))
+        else:
+            policy = create_policy(policy_params, len(prompt_token_ids), context_tokens)
         bound = min(len(prompt_token_ids) + params.max_tokens,
                     policy.tokens_bound(params.max_tokens, self.scheduler.prefill_chunk))
         if self.scheduler.pages_for_tokens(bound) > self.runner.pool.capacity:
@@ -105,6 +113,7 @@ class LLMEngine:
             seed=params.seed if params.seed is not None else random.getrandbits(63), priority=priority,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
             bad_words_ids=bad_words_token_ids(self.tokenizer, params.bad_words), token_override=token_override,
+            shared_prefix=shared_prefix, shared_prefix_tokens=shared_tokens,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -117,13 +126,19 @@ class LLMEngine:
         self._snapshot_bytes_held(self._bytes_held_by_running())
         return out
 
+    def reset_prefix_cache(self) -> None:
+        """Free every cached block no sequence holds (those running sequences hold stay)."""
+        if self.runner.prefix_cache is not None:
+            self.runner.prefix_cache.clear()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
         pool, cache, scheduler = self.runner.pool, self.runner.prefix_cache, self.scheduler
         prefix = None if cache is None else PrefixCacheStats(
-            scheduler.prefix_cache_queries, scheduler.prefix_cache_hits, len(cache.blocks), int(cache.cached.sum()),
+            scheduler.prefix_cache_queries, scheduler.prefix_cache_hits, len(cache.blocks), len(cache.compressed),
+            int(cache.cached.sum()),
             int((pool.refs > 1).sum()), cache.blocks_evicted)
         return EngineStats(len(scheduler.running), len(scheduler.waiting), pool.capacity,
                            pool.pages_available, pool.page_bytes, scheduler.num_preemptions,
@@ -133,6 +148,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """schedule -> execute -> apply the policies -> process the outputs."""
+        if self.runner.prefix_cache is not None:
+            self.shared_prefixes.queue_builders()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -146,6 +163,7 @@ class LLMEngine:
         self._record_kv_footprint(batch.seqs, held)
         advanced = self.processor.process(batch, result)
         outputs = [self._finish(seq) if seq.finish_reason else self.processor.output(seq) for seq in advanced]
+        outputs = [out for seq, out in zip(advanced, outputs) if seq.builds_prefix is None]  # internal
         # after the finished sequences left: a gauge read once traffic stops must not show their bytes
         self._snapshot_bytes_held(held)
         return outputs
@@ -158,7 +176,7 @@ class LLMEngine:
         if cache is None:
             return
         for seq in seqs:
-            if seq.policy_acted:
+            if seq.policy_acted or seq.shared_prefix is not None:  # its heads hold a compressed prefix
                 continue
             shares = not seq.policy.ever_acts()
             done = seq.num_computed if shares else min(seq.num_computed, len(seq.prompt_token_ids))
@@ -207,6 +225,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str | None = None) -> RequestOutput:
         """Retire a sequence; `reason` sets its finish_reason (else it was set already)."""
         seq.finish_reason = reason or seq.finish_reason
+        if seq.builds_prefix is not None:
+            self.shared_prefixes.builder_finished(seq)
         usage = self._kv_usage(seq)
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)

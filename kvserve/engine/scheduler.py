@@ -30,6 +30,7 @@ import bisect
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,19 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.counts)
+
+
+@dataclass
+class Begin:
+    """How a waiting sequence starts: from `tokens` tokens in the cache (`blocks` of them cached
+    blocks), taking `footprint` pages by the end of its prompt, `pinned` of the pages available now
+    taken out of reach by `attach`, which fills its row from the prefix cache (None: nothing to attach)."""
+
+    tokens: int
+    blocks: int
+    footprint: int
+    pinned: int
+    attach: Callable[[int], object] | None
 
 
 class Scheduler:
@@ -73,6 +87,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.arrival = next(self._arrivals)
+        self._enqueue(seq)
+
+    def add_before(self, seq: Sequence, successor: Sequence) -> None:
+        """Queue `seq` just ahead of the waiting `successor` (work it waits for)."""
+        seq.arrival, seq.priority = successor.arrival - 0.5, successor.priority
         self._enqueue(seq)
 
     def _queue_key(self, seq: Sequence) -> tuple[int, int]:
@@ -125,36 +144,31 @@ class Scheduler:
         promised = self._promised_pages()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.table.rows_free:
             seq = self.waiting[0]
-            cached = self._cached_blocks(seq)
-            start = cached * self.table.block_size
-            chunk = self._next_chunk(seq, start)
-            if chunk > budget or self._prefix_in_flight(seq, cached):
+            begin = self._begin(seq)
+            if begin is None:
+                break
+            chunk = self._next_chunk(seq, begin.tokens)
+            if chunk > budget:
                 break
             # admit only when the pages its prompt will hold are free beside those promised to the
             # sequences still prefilling, with one page per head of headroom for every running
-            # sequence's next decode steps: prefills are staged, never admitted to evict each other.
-            # Cached blocks it shares are held already; those it copies are pinned while it does.
-            shares = not seq.policy.ever_acts()
-            footprint = self.pages_for_tokens(self._footprint(seq)) - (self._heads * cached if shares else 0)
+            # sequence's next decode steps: prefills are staged, never admitted to evict each other
             headroom = self._heads * (len(self.running) + 1)
-            available = self.table.pool.pages_available
-            if cached:
-                available -= self.prefix_cache.pinned(seq.block_hashes[:cached])
-            if footprint + promised + headroom > available:
+            if begin.footprint + promised + headroom > self.table.pool.pages_available - begin.pinned:
                 break
             row = self.table.acquire_row()
-            if cached:
+            if begin.attach is not None:
                 try:
-                    self.prefix_cache.attach(row, seq.block_hashes[:cached], private=not shares)
+                    begin.attach(row)
                 except OutOfPages:
                     self.table.release_row(row)
                     break
-            promised += footprint
+            promised += begin.footprint
             self.waiting.popleft()
             seq.row = row
-            seq.num_computed, seq.blocks_offered = start, cached
+            seq.num_computed, seq.blocks_offered = begin.tokens, begin.blocks
             if seq.num_cached_tokens is None:
-                seq.num_cached_tokens = min(start, len(seq.prompt_token_ids))
+                seq.num_cached_tokens = min(begin.tokens, len(seq.prompt_token_ids))
                 if self.prefix_cache is not None:
                     self.prefix_cache_queries += len(seq.prompt_token_ids)
                     self.prefix_cache_hits += seq.num_cached_tokens
@@ -166,6 +180,29 @@ class Scheduler:
             counts.append(chunk)
             budget -= chunk
         return ScheduledBatch(seqs, counts)
+
+    def _begin(self, seq: Sequence) -> Begin | None:
+        """Where the waiting `seq` would start, or None when it should wait (for the compressed prefix
+        it shares, or for the blocks a running sequence is prefilling)."""
+        cache = self.prefix_cache
+        if seq.shared_prefix is not None:
+            if seq.shared_prefix not in cache.compressed:
+                return None  # its builder runs first
+            key, start = seq.shared_prefix, seq.shared_prefix_tokens
+            # its own tokens, and a copy of each head's partial last page of the prefix
+            return Begin(start, 0, self.pages_for_tokens(seq.num_tokens - start) + self._heads,
+                         cache.pinned(compressed=key), lambda row: cache.attach_compressed(row, key))
+        cached = self._cached_blocks(seq)
+        if self._prefix_in_flight(seq, cached):
+            return None
+        footprint = self.pages_for_tokens(self._footprint(seq))
+        if not cached:
+            return Begin(0, 0, footprint, 0, None)
+        # blocks it shares are held already; those it copies are pinned while it does
+        shares = not seq.policy.ever_acts()
+        hashes = seq.block_hashes[:cached]
+        return Begin(cached * self.table.block_size, cached, footprint - (self._heads * cached if shares else 0),
+                     cache.pinned(hashes), lambda row: cache.attach(row, hashes, private=not shares))
 
     def _next_chunk(self, seq: Sequence, computed: int | None = None) -> int:
         """Chunks end at multiples of `prefill_chunk`, but the last one starts early enough to hold
@@ -209,7 +246,9 @@ class Scheduler:
         if not prefilling:
             return 0
         held = self.table.pages_held(torch.tensor([s.row for s in prefilling])).tolist()
-        return sum(max(0, self.pages_for_tokens(self._footprint(s)) - h) for s, h in zip(prefilling, held))
+        # one that started from a compressed prefix takes pages for its own tokens only
+        return sum(self.pages_for_tokens(s.num_uncomputed) if s.shared_prefix is not None
+                   else max(0, self.pages_for_tokens(self._footprint(s)) - h) for s, h in zip(prefilling, held))
 
     def _footprint(self, seq: Sequence) -> int:
         """Tokens one head of `seq` holds once its prompt (or recompute) is in the cache."""

@@ -39,7 +39,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     seed: int
     priority: int = 0  # with the priority scheduling policy: lower runs first
-    arrival: int = 0  # order of arrival at the scheduler (ties between equal priorities)
+    arrival: float = 0  # order of arrival at the scheduler (ties between equal priorities)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     # with params.prompt_logprobs: one per prompt token computed so far (the first, None, has no context)
@@ -69,6 +69,11 @@ class Sequence:
     blocks_offered: int = 0
     policy_acted: bool = False
     num_cached_tokens: int | None = None
+    # `share_prefix`: the key of the compressed prefix it starts from and the prompt tokens that stands for;
+    # a builder of one (kvserve/engine/shared_prefix.py) has `builds_prefix`, the key it builds
+    shared_prefix: bytes | None = None
+    shared_prefix_tokens: int = 0
+    builds_prefix: bytes | None = None
     token_override: TokenOverride | None = None
 
     @property

@@ -68,6 +68,10 @@ class BudgetParams(PolicyParams):
     adaptive_floor: float = Field(default=0.2, gt=0, le=1, description="with adaptive: no head keeps fewer than "
                                   "ceil(adaptive_floor x budget) tokens (AdaKV's alpha safeguard; 1: every head "
                                   "keeps the budget)")
+    share_prefix: bool = Field(default=False, description="a chat request: compress its context (the messages "
+                               "before the last user message) once, scored by a reconstruction prompt rather than "
+                               "by this request's question, and share it with every request with the same context "
+                               "and policy; the last message and the answer are kept whole")
 
     @field_validator("adaptive")
     @classmethod

@@ -98,6 +98,12 @@ def build_app(state: ServerState, api_key: str | None, max_body_bytes: int) -> F
             return APIError(503, "the engine loop is not running", code="engine_dead").response()
         return Response(status_code=200)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        """Drop the cached blocks no request holds (vLLM's endpoint): benchmarks start from a cold cache."""
+        state.engine.reset_prefix_cache()
+        return Response(status_code=200)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

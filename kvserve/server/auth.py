@@ -1,4 +1,5 @@
-"""The API key: `Authorization: Bearer <key>` on /v1/ routes, when the server has one.
+"""The API key: `Authorization: Bearer <key>` on /v1/ routes and /reset_prefix_cache, when the server
+has one.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed responses and
 hide client disconnects from the handlers."""
@@ -14,14 +15,15 @@ from kvserve.server.errors import APIError
 
 class BearerAuth:
     """Routes outside /v1/ stay open, as in vLLM: /health and /metrics for probes and scrapers,
-    /version, and /tokenize and /detokenize (the tokenizer only; no generation)."""
+    /version, and /tokenize and /detokenize (the tokenizer only; no generation). /reset_prefix_cache
+    changes what every request finds cached: it needs the key."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/reset_prefix_cache"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             # constant time, so the key cannot be guessed byte by byte from response timings
             if not hmac.compare_digest(given, self.expected):

@@ -171,9 +171,12 @@ class _EngineCollector(Collector):
                      CounterMetricFamily),
                     ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", prefix.hits,
                      CounterMetricFamily),
-                    ("kvserve:prefix_cache_blocks_evicted", "Cached blocks evicted for their pages.",
+                    ("kvserve:prefix_cache_blocks_evicted", "Cached blocks and compressed prefixes evicted for "
+                     "their pages.",
                      prefix.blocks_evicted, CounterMetricFamily),
                     ("kvserve:prefix_cache_blocks", "Blocks in the prefix cache.", prefix.blocks, GaugeMetricFamily),
+                    ("kvserve:prefix_cache_compressed", "Compressed prefixes in the prefix cache (share_prefix).",
+                     prefix.compressed, GaugeMetricFamily),
                     ("kvserve:prefix_cache_pages", "KV pages the prefix cache holds.", prefix.pages,
                      GaugeMetricFamily),
                     ("kvserve:kv_pages_shared", "KV pages held by more than one owner (sequences, the prefix "

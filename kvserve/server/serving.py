@@ -140,7 +140,9 @@ class Endpoint(ABC):
         try:  # the engine's own rules (token ids, context length, sampling ranges): a 400 naming the field
             policy = req.policy or state.default_policy
             prompts = self.prompt_token_ids(req)
-            context = self.context_tokens(req, prompts) if policy.scope == "context" else None
+            # what a policy of scope `context` may compress, or a shared prefix is made of
+            splits = policy.scope == "context" or getattr(policy, "share_prefix", False)
+            context = self.context_tokens(req, prompts) if splits else None
             if req.truncate_prompt_tokens is not None:  # the last k tokens, as vLLM keeps them
                 keep = state.engine.max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
                 if context is not None:
