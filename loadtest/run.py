@@ -84,6 +84,8 @@ async def run_async(config: RunConfig, prefix: str = "") -> dict[str, Any]:
         if config.reset_prefix_cache:
             (await client.post("/reset_prefix_cache")).raise_for_status()
         bodies = [request_body(s, model, config.policy, config.endpoint) for s in samples]
+        if config.endpoint == "completions" and (config.policy or {}).get("share_prefix") is True:
+            await _count_shared_prefixes(client, samples, bodies)
         label = f"{policy_label(config.policy)} @ {config.load}"
         progress = Progress(len(samples), f"{prefix} {label}".strip())
         scraper = Scraper(client, start=time.perf_counter(), interval=config.scrape_interval)
@@ -100,6 +102,22 @@ async def run_async(config: RunConfig, prefix: str = "") -> dict[str, Any]:
     return {"label": label, "policy": policy_label(config.policy), "load": config.load,
             "config": asdict(config),
             "summary": summary, "requests": [_record(r, start) for r in results], "timeline": scraper.timeline}
+
+
+async def _count_shared_prefixes(client: httpx.AsyncClient, samples: list[Sample], bodies: list[dict]) -> None:
+    """A completion names the prefix it shares in tokens (kvserve's `share_prefix: N`): each sample's
+    context, counted by the server's /tokenize, less one token (the context's last may merge with
+    what follows it in the prompt)."""
+    counts: dict[str, int] = {}
+    for sample, body in zip(samples, bodies):
+        if sample.context is None:
+            raise ValueError("share_prefix on completions needs a dataset whose prompts have a context "
+                             "(documents, multi-turn)")
+        if sample.context not in counts:
+            response = await client.post("/tokenize", json={"prompt": sample.context})
+            response.raise_for_status()
+            counts[sample.context] = response.json()["count"] - 1
+        body["kv_policy"] = body["kv_policy"] | {"share_prefix": counts[sample.context]}
 
 
 async def first_model(client: httpx.AsyncClient) -> str:

@@ -76,6 +76,19 @@ def test_a_documents_run_from_a_cold_cache_reports_its_hit_rate(server, tmp_path
     assert result["summary"]["accuracy"] is not None
 
 
+def test_a_documents_run_shares_one_compressed_document_counted_by_tokenize(server, tmp_path):
+    policy = '{"name": "snapkv", "ratio": 0.5, "share_prefix": true}'
+    assert main(["run", "--url", server, "--dataset", "documents", "--num-docs", "1", "--num-requests", "3",
+                 "--concurrency", "3", "--input-len", "200", "--output-len", "4", "--reset-prefix-cache",
+                 "--policy", policy, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    check_consistent(result, 3)
+    # every request, the first included, started from the document compressed once (its whole blocks)
+    cached = {r["cached_tokens"] for r in result["requests"]}
+    assert len(cached) == 1 and cached.pop() >= 128
+    assert result["config"]["policy"]["share_prefix"] is True
+
+
 def test_a_run_stops_at_max_duration_and_counts_failures_by_status(server):
     result = run(RunConfig(url=server, num_requests=3, concurrency=3, input_len=64, output_len=2000,
                            max_duration=1.5))

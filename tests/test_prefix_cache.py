@@ -370,9 +370,26 @@ def test_a_compressed_prefix_is_built_once_shared_by_every_request_and_never_cha
     assert torch.equal(pool.slot_positions[slots], snapshot[1])
 
 
-def test_share_prefix_needs_a_context_and_prefix_caching(engine, uncached):
+def test_share_prefix_needs_a_context_or_a_length_and_prefix_caching(engine, uncached):
     doc, _ = document(engine, 300, seed=12)
-    for eng, context in ((engine, None), (engine, 5), (uncached, len(doc))):
+    cases = [(engine, SHARED, None), (engine, SHARED, 5), (uncached, SHARED, len(doc)),
+             (engine, SHARED | {"share_prefix": 8}, None), (engine, SHARED | {"share_prefix": len(doc)}, None)]
+    for eng, policy, context in cases:
         with pytest.raises(InvalidRequest) as error:
-            eng.add_request("bad", doc, GREEDY, SHARED, context_tokens=context)
+            eng.add_request("bad", doc, GREEDY, policy, context_tokens=context)
         assert error.value.param == "kv_policy.share_prefix"
+    with pytest.raises(ValueError, match="share_prefix"):
+        engine.add_request("bad", doc, GREEDY, SHARED | {"share_prefix": 0})
+
+
+def test_a_prefix_given_in_tokens_is_shared_like_a_chat_context(engine):
+    doc, _ = document(engine, 400, seed=13)
+    by_length = SHARED | {"share_prefix": len(doc)}
+    for q in ("a", "b"):
+        engine.add_request(q, doc + question(engine, q), GREEDY, by_length)
+    finals = {}
+    while engine.has_unfinished():
+        finals |= {out.request_id: out for out in engine.step() if out.finished}
+    block = engine.runner.table.block_size
+    assert [finals[q].num_cached_tokens for q in "ab"] == [len(doc) // block * block] * 2
+    assert len(engine.runner.prefix_cache.compressed) == 1

@@ -138,8 +138,7 @@ class LLMEngine:
         pool, cache, scheduler = self.runner.pool, self.runner.prefix_cache, self.scheduler
         prefix = None if cache is None else PrefixCacheStats(
             scheduler.prefix_cache_queries, scheduler.prefix_cache_hits, len(cache.blocks), len(cache.compressed),
-            int(cache.cached.sum()),
-            int((pool.refs > 1).sum()), cache.blocks_evicted)
+            int(cache.cached.sum()), int((pool.refs > 1).sum()), cache.blocks_evicted)
         return EngineStats(len(scheduler.running), len(scheduler.waiting), pool.capacity,
                            pool.pages_available, pool.page_bytes, scheduler.num_preemptions,
                            dict(self._bytes_held), dict(self.policies.tokens_evicted), prefix)

@@ -16,7 +16,9 @@ preempted: its pages are freed and it goes back into the queue, at its place, to
 With a prefix cache, a request is admitted starting from the longest run of its leading blocks
 found there (kvserve/cache/prefix_cache.py), when its policy allows; one whose first uncached
 block a running sequence is prefilling right now waits for it to be cached rather than compute it
-alongside. Cached blocks no sequence holds count as available pages: the pool frees them on demand.
+alongside; one that shares a compressed prefix (`share_prefix`) waits for it to be built, by a
+builder queued just ahead of it (kvserve/engine/shared_prefix.py). Cached blocks no sequence holds
+count as available pages: the pool frees them on demand.
 
 Queue order is arrival order ("fcfs"; then the victim is the most recently admitted sequence, and
 since arrival order is never overtaken nothing starves), or with the "priority" policy each
@@ -94,7 +96,7 @@ class Scheduler:
         seq.arrival, seq.priority = successor.arrival - 0.5, successor.priority
         self._enqueue(seq)
 
-    def _queue_key(self, seq: Sequence) -> tuple[int, int]:
+    def _queue_key(self, seq: Sequence) -> tuple[int, float]:
         return (seq.priority if self.by_priority else 0, seq.arrival)
 
     def _enqueue(self, seq: Sequence) -> None:

@@ -1,7 +1,8 @@
 """Compress once, share the compressed prefix: `share_prefix` on a budgeted policy.
 
-A chat request whose policy says `share_prefix` starts from its context (the messages before its last
-user message, in whole blocks) compressed once for every request with the same context and policy.
+A request whose policy says `share_prefix` starts from a prefix of its prompt (`true`: a chat
+request's context, the messages before its last user message; N: its first N tokens; in whole
+blocks) compressed once for every request with the same prefix and policy.
 The first one queues a builder: an internal request of the context followed by RECONSTRUCTION, for no
 tokens, under the request's policy. The policy scores the context by what the reconstruction prompt's
 queries attend: a score of the document alone, not of any request's question (the idea of KVzip,
@@ -44,14 +45,22 @@ class SharedPrefixes:
     def key(self, prompt: list[int], params: PolicyParams, context_tokens: int | None) -> tuple[bytes, int]:
         """The compressed prefix a `share_prefix` request starts from: its key and its tokens
         (InvalidRequest, naming the field, when the request cannot have one)."""
+        field = "kv_policy.share_prefix"
         if self.cache is None:
             raise InvalidRequest("kv_policy.share_prefix needs prefix caching (the server runs with "
-                                 "--no-enable-prefix-caching)", "kv_policy.share_prefix")
-        blocks = (context_tokens or 0) // self.cache.block_size
-        if context_tokens is None or blocks == 0:
-            raise InvalidRequest("kv_policy.share_prefix needs a chat request whose messages before the last "
-                                 f"user message hold at least {self.cache.block_size} tokens",
-                                 "kv_policy.share_prefix")
+                                 "--no-enable-prefix-caching)", field)
+        asked = params.share_prefix
+        tokens = context_tokens if asked is True else asked
+        if tokens is None:
+            raise InvalidRequest("kv_policy.share_prefix: true needs a chat request with a user message (the "
+                                 "context is what precedes the last one); give a number of tokens otherwise", field)
+        if tokens >= len(prompt):
+            raise InvalidRequest(f"kv_policy.share_prefix: {tokens} tokens leave none of the {len(prompt)}-token "
+                                 "prompt to the request itself", field)
+        blocks = tokens // self.cache.block_size
+        if blocks == 0:
+            raise InvalidRequest(f"kv_policy.share_prefix: a prefix of {tokens} tokens holds no whole block of "
+                                 f"{self.cache.block_size}", field)
         hashes = self.cache.extend_hashes([], prompt[:blocks * self.cache.block_size])
         policy = params.model_copy(update={"share_prefix": False, "scope": "all"}).model_dump_json()
         return hashlib.blake2b(hashes[-1] + policy.encode(), digest_size=16).digest(), blocks * self.cache.block_size

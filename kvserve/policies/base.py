@@ -68,10 +68,18 @@ class BudgetParams(PolicyParams):
     adaptive_floor: float = Field(default=0.2, gt=0, le=1, description="with adaptive: no head keeps fewer than "
                                   "ceil(adaptive_floor x budget) tokens (AdaKV's alpha safeguard; 1: every head "
                                   "keeps the budget)")
-    share_prefix: bool = Field(default=False, description="a chat request: compress its context (the messages "
-                               "before the last user message) once, scored by a reconstruction prompt rather than "
-                               "by this request's question, and share it with every request with the same context "
-                               "and policy; the last message and the answer are kept whole")
+    share_prefix: bool | int = Field(default=False, description="compress a prefix of the prompt once, scored by a "
+                                     "reconstruction prompt rather than by this request's question, and share it with "
+                                     "every request with the same prefix and policy; the rest and the answer are kept "
+                                     "whole. true: a chat request's context (the messages before its last user "
+                                     "message); N: the prompt's first N tokens (in whole blocks)")
+
+    @field_validator("share_prefix")
+    @classmethod
+    def _prefix_tokens(cls, value: bool | int) -> bool | int:
+        if not isinstance(value, bool) and value < 1:
+            raise ValueError("share_prefix is true, false, or a number of tokens (at least 1)")
+        return value
 
     @field_validator("adaptive")
     @classmethod

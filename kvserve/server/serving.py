@@ -141,7 +141,7 @@ class Endpoint(ABC):
             policy = req.policy or state.default_policy
             prompts = self.prompt_token_ids(req)
             # what a policy of scope `context` may compress, or a shared prefix is made of
-            splits = policy.scope == "context" or getattr(policy, "share_prefix", False)
+            splits = policy.scope == "context" or getattr(policy, "share_prefix", False) is True
             context = self.context_tokens(req, prompts) if splits else None
             if req.truncate_prompt_tokens is not None:  # the last k tokens, as vLLM keeps them
                 keep = state.engine.max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
