@@ -144,6 +144,22 @@ def test_paged_prefill_cpu_query_does_not_depend_on_its_chunk_or_the_thread_coun
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_short_chunks_over_long_contexts_attend_as_decode_rows(dtype: torch.dtype,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # questions after cached documents: chunks of 5 and 12 queries over heads of 64 to 200 slots
+    cache, tables, lens_view, q, starts = prefill_inputs([5, 12], [[80, 90], [200, 64]], 3, 64, dtype)
+    expected, _ = prefill.paged_prefill_ref(q, cache.k_pages, cache.v_pages, tables, lens_view, starts, SCALE)
+
+    def no_fallback(*args: object) -> None:
+        raise AssertionError("a short chunk over a long context must run a compiled kernel")
+
+    monkeypatch.setattr(prefill, "paged_prefill_ref", no_fallback)
+    got, window = prefill.paged_prefill_cpu(q, cache.k_poisoned, cache.v_poisoned, tables, lens_view, starts, SCALE)
+    assert window is None
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_prefill_cpu_observation_windows_and_float32_run_the_reference(dtype: torch.dtype) -> None:
     cache, tables, lens_view, q, starts = prefill_inputs([9, 30], [[9, 50], [64, 31]], 3, 64, dtype)
     for window in (8, 0):

@@ -33,7 +33,13 @@ import triton
 import triton.language as tl
 
 from kvserve.kernels import amx_linear, cpu_library
-from kvserve.kernels.paged_decode import dot_precision, gather_pages, partition_size_for
+from kvserve.kernels.paged_decode import dot_precision, gather_pages, paged_decode_cpu, partition_size_for
+
+# chunks of at most this many queries, over contexts at least CONTEXT_PER_QUERY times as long, attend
+# as decode rows: a question after a cached document reads the document's pages where they lie
+# rather than gathering a copy of them per chunk
+SHORT_CHUNK = 64
+CONTEXT_PER_QUERY = 4
 
 
 def per_sequence_windows(window: int | torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -136,11 +142,14 @@ def paged_prefill_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
                       window: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`paged_prefill_ref`'s contract on the CPU: bfloat16 attention without an observation window runs
     the compiled AMX kernel (kernels/csrc/paged_prefill.cpp) where the CPU has AMX, pages hold 16
-    slots and head_dim is 64 or 128; everything else runs the reference."""
+    slots and head_dim is 64 or 128; short chunks over long contexts without a window run the compiled
+    decode kernel, a row per query (a query sees its head's slots but those of the chunk's later
+    queries, the last slots of its head); everything else runs the reference."""
     batch, kv_heads, _ = block_tables.shape
     tokens, q_heads, dim = q.shape
+    observed = per_sequence_windows(window, batch) is not None
     eligible = (q.dtype == torch.bfloat16 and k_pages.dtype == torch.bfloat16 and k_pages.shape[1] == 16
-                and dim in (64, 128) and per_sequence_windows(window, batch) is None and amx_linear.available())
+                and dim in (64, 128) and not observed and amx_linear.available())
     if eligible:
         # the kernel reads each query's dims in 32-bit pairs
         if q.stride(2) != 1 or q.stride(0) % 2 or q.stride(1) % 2:
@@ -156,6 +165,13 @@ def paged_prefill_cpu(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
                 lens.stride(1), starts.data_ptr(), batch, kv_heads, q_heads // kv_heads, dim, scale, out.data_ptr(),
                 cpu_library.threads()):
             return out, None
+    counts = query_start_loc[1:] - query_start_loc[:-1]
+    if (not observed and tokens and int(counts.max()) <= SHORT_CHUNK
+            and int(seq_lens.min()) >= CONTEXT_PER_QUERY * int(counts.max())):
+        chunk = torch.repeat_interleave(torch.arange(batch), counts.cpu())
+        later = query_start_loc[1:].cpu()[chunk] - 1 - torch.arange(tokens)  # the chunk's queries after each
+        out, _, _ = paged_decode_cpu(q, k_pages, v_pages, block_tables[chunk], seq_lens[chunk] - later[:, None], scale)
+        return out, None
     return paged_prefill_ref(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, scale, window)
 
 
