@@ -295,7 +295,9 @@ def test_usage_and_metrics_report_the_cached_prompt_tokens(server):
     assert counter("vllm:prefix_cache_queries_total") - queries == prompts
     assert counter("vllm:prefix_cache_hits_total") - hits == 2 * second.prompt_tokens_details.cached_tokens
     assert counter("kvserve:prefix_cache_pages") > 0
+    assert counter("kvserve:kv_bytes_shared") == counter("kvserve:kv_pages_shared") * 2 * 16 * 64 * 4
     shared = {"name": "snapkv", "ratio": 0.5, "share_prefix": True}
+    built = counter("kvserve:prefix_cache_compressed")
     compressed = [client.chat.completions.create(
         model=MODEL, max_tokens=4, temperature=0, extra_body={"kv_policy": shared},
         messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]).usage
@@ -303,7 +305,7 @@ def test_usage_and_metrics_report_the_cached_prompt_tokens(server):
     # both start from the system prompt compressed once (its whole blocks), built for the first
     assert compressed[0].prompt_tokens_details.cached_tokens == compressed[1].prompt_tokens_details.cached_tokens
     assert compressed[0].prompt_tokens_details.cached_tokens >= second.prompt_tokens_details.cached_tokens - 16
-    assert counter("kvserve:prefix_cache_compressed") == 1
+    assert counter("kvserve:prefix_cache_compressed") == built + 1
     with pytest.raises(openai.BadRequestError) as refused:  # a completion has no context to share
         client.completions.create(model=MODEL, prompt=system, max_tokens=2, extra_body={"kv_policy": shared})
     assert refused.value.body["param"] == "kv_policy.share_prefix"

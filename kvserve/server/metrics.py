@@ -180,7 +180,9 @@ class _EngineCollector(Collector):
                     ("kvserve:prefix_cache_pages", "KV pages the prefix cache holds.", prefix.pages,
                      GaugeMetricFamily),
                     ("kvserve:kv_pages_shared", "KV pages held by more than one owner (sequences, the prefix "
-                     "cache).", prefix.pages_shared, GaugeMetricFamily)):
+                     "cache).", prefix.pages_shared, GaugeMetricFamily),
+                    ("kvserve:kv_bytes_shared", "KV bytes of the pages held by more than one owner.",
+                     prefix.pages_shared * stats.page_bytes, GaugeMetricFamily)):
                 family = kind(name, doc, labels=names)
                 family.add_metric(values, value)
                 yield family
