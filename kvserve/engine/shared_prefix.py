@@ -24,7 +24,7 @@ from kvserve.engine.errors import InvalidRequest
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.sequence import Sequence, Status
-from kvserve.policies.base import PolicyParams
+from kvserve.policies.base import Policy, PolicyParams
 from kvserve.policies.registry import create_policy, parse_policy
 
 RECONSTRUCTION = "\n\nRepeat the text above word for word, keeping every name and number."
@@ -65,7 +65,8 @@ class SharedPrefixes:
         policy = params.model_copy(update={"share_prefix": False, "scope": "all"}).model_dump_json()
         return hashlib.blake2b(hashes[-1] + policy.encode(), digest_size=16).digest(), blocks * self.cache.block_size
 
-    def serving_policy(self, prompt_tokens: int):  # noqa: ANN201
+    @staticmethod
+    def serving_policy(prompt_tokens: int) -> Policy:
         """The policy a request runs once attached: none that acts (its pages are shared)."""
         return create_policy(parse_policy("full"), prompt_tokens)
 
