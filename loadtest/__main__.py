@@ -65,6 +65,15 @@ def rates(text: str) -> list[float | None]:
     return [rate(x) for x in text.split(",") if x.strip()]
 
 
+def prefix_sharing(text: str) -> list[bool]:
+    """`shared,isolated` -> [False, True]: whether each run isolates its requests' prefixes."""
+    ways = {"shared": False, "isolated": True}
+    try:
+        return [ways[x.strip()] for x in text.split(",") if x.strip()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected shared, isolated or both, got {text!r}") from None
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -90,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     loads.add_argument("--request-rates", type=rates, help="comma-separated requests/s, e.g. 0.5,1,2,inf")
     loads.add_argument("--concurrencies", type=ints, help="comma-separated closed-loop concurrencies")
     sweep_parser.add_argument("--out", type=Path, required=True, help="folder for sweep.json, sweep.csv, report.html")
+    sweep_parser.add_argument("--prefix-sharing", type=prefix_sharing, default=[False],
+                              help="shared (default), isolated (every request its own cache_salt: no reuse of "
+                                   "another's cached prefix), or shared,isolated: each policy both ways")
 
     args = parser.parse_args(argv)
     try:
@@ -101,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "result.json").write_text(json.dumps(result, indent=1))
             return 0
-        configs = [config_from(args, policy=policy, request_rate=rate, concurrency=concurrency)
+        configs = [config_from(args, policy=policy, request_rate=rate, concurrency=concurrency,
+                               isolate_prefixes=isolated)
                    for rate, concurrency in ([(r, None) for r in args.request_rates or []]
                                              + [(None, c) for c in args.concurrencies or []])
-                   for policy in args.policies]
+                   for policy in args.policies for isolated in args.prefix_sharing]
         paths = sweep(configs, args.out)
         print("\n".join(str(p) for p in paths))
         return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,6 +47,9 @@ class RunConfig:
     scrape_interval: float = 1.0
     reset_prefix_cache: bool = False  # POST /reset_prefix_cache first (kvserve, vLLM): each run starts cold
     endpoint: str = "completions"  # or "chat"
+    # every request its own `cache_salt` (vLLM's field): none reuses another's cached prefix, as if the
+    # server cached nothing, while the server stays as it is (one sweep compares shared and isolated)
+    isolate_prefixes: bool = False
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -86,7 +90,12 @@ async def run_async(config: RunConfig, prefix: str = "") -> dict[str, Any]:
         bodies = [request_body(s, model, config.policy, config.endpoint) for s in samples]
         if config.endpoint == "completions" and (config.policy or {}).get("share_prefix") is True:
             await _count_shared_prefixes(client, samples, bodies)
-        label = f"{policy_label(config.policy)} @ {config.load}"
+        if config.isolate_prefixes:
+            run_id = uuid.uuid4().hex
+            for i, body in enumerate(bodies):
+                body["cache_salt"] = f"{run_id}-{i}"
+        policy = policy_label(config.policy) + (", prefixes isolated" if config.isolate_prefixes else "")
+        label = f"{policy} @ {config.load}"
         progress = Progress(len(samples), f"{prefix} {label}".strip())
         scraper = Scraper(client, start=time.perf_counter(), interval=config.scrape_interval)
         await scraper.scrape()  # the baseline of the counters
@@ -99,7 +108,7 @@ async def run_async(config: RunConfig, prefix: str = "") -> dict[str, Any]:
         await asyncio.gather(*watchers)
     summary = summarize(results, duration, config.slo) | scraper.summary()
     summary["model"] = model
-    return {"label": label, "policy": policy_label(config.policy), "load": config.load,
+    return {"label": label, "policy": policy, "load": config.load,
             "config": asdict(config),
             "summary": summary, "requests": [_record(r, start) for r in results], "timeline": scraper.timeline}
 

@@ -89,6 +89,17 @@ def test_a_documents_run_shares_one_compressed_document_counted_by_tokenize(serv
     assert result["config"]["policy"]["share_prefix"] is True
 
 
+def test_a_sweep_runs_each_policy_with_prefixes_shared_and_isolated(server, tmp_path):
+    assert main(["sweep", "--url", server, "--dataset", "documents", "--num-docs", "1", "--num-requests", "3",
+                 "--input-len", "150", "--output-len", "2", "--concurrencies", "1", "--policy", "full",
+                 "--prefix-sharing", "shared,isolated", "--reset-prefix-cache", "--out", str(tmp_path)]) == 0
+    shared, isolated = json.loads((tmp_path / "sweep.json").read_text())
+    assert shared["policy"] == "full" and isolated["policy"] == "full, prefixes isolated"
+    assert shared["summary"]["prefix_cache_hit_rate"] > 0.5  # 2 of 3 find the document
+    assert isolated["summary"]["prefix_cache_hit_rate"] == 0  # each request its own cache_salt
+    assert "prefixes isolated" in (tmp_path / "sweep.csv").read_text()
+
+
 def test_a_run_stops_at_max_duration_and_counts_failures_by_status(server):
     result = run(RunConfig(url=server, num_requests=3, concurrency=3, input_len=64, output_len=2000,
                            max_duration=1.5))

@@ -395,3 +395,16 @@ def test_a_prefix_given_in_tokens_is_shared_like_a_chat_context(engine):
     block = engine.runner.table.block_size
     assert [finals[q].num_cached_tokens for q in "ab"] == [len(doc) // block * block] * 2
     assert len(engine.runner.prefix_cache.compressed) == 1
+
+
+def test_a_cache_salt_keeps_requests_from_sharing_prefixes(engine):
+    doc, _ = document(engine, 400, seed=14)
+    prompt = doc + question(engine, "salt")
+    cached = {}
+    for rid, salt in (("plain", None), ("a1", "a"), ("b", "b"), ("a2", "a")):
+        engine.add_request(rid, prompt, GREEDY, "full", cache_salt=salt)
+        while engine.has_unfinished():
+            cached |= {out.request_id: out.num_cached_tokens for out in engine.step() if out.finished}
+    # the same prompt: found again only under the salt that cached it
+    assert cached["plain"] == cached["a1"] == cached["b"] == 0
+    assert cached["a2"] == len(prompt) // 16 * 16

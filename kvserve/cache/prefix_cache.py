@@ -62,11 +62,13 @@ class PrefixCache:
         pool.evictable = self.pages_evictable
         pool.reclaim = self.evict
 
-    def extend_hashes(self, hashes: list[bytes], tokens: Sequence[int]) -> list[bytes]:
+    def extend_hashes(self, hashes: list[bytes], tokens: Sequence[int], salt: str | None = None) -> list[bytes]:
         """Extend `hashes` (those of the first len(hashes) blocks of `tokens`) to every full block of
-        `tokens`, in place; returns it."""
+        `tokens`, in place; returns it. A `salt` (a request's `cache_salt`) starts a chain of its own,
+        which only requests with the same salt match."""
         bs = self.block_size
-        parent = hashes[-1] if hashes else self._root
+        root = self._root if salt is None else hashlib.blake2b(self._root + salt.encode(), digest_size=16).digest()
+        parent = hashes[-1] if hashes else root
         for start in range(len(hashes) * bs, len(tokens) // bs * bs, bs):
             parent = hashlib.blake2b(parent + array("q", tokens[start:start + bs]).tobytes(), digest_size=16).digest()
             hashes.append(parent)

@@ -54,8 +54,8 @@ class AsyncEngine:
         return self.engine.stats()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       kv_policy: Any = None, priority: int = 0, context_tokens: int | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       kv_policy: Any = None, priority: int = 0, context_tokens: int | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early aborts the request."""
         if not self.is_alive():
             raise EngineDeadError("the engine loop is not running")
@@ -63,7 +63,8 @@ class AsyncEngine:
         self._queues[request_id] = out_queue
         # validation runs in the engine thread; its error comes back through the queue
         self._send("add", {"request_id": request_id, "prompt_token_ids": prompt_token_ids, "params": params,
-                           "kv_policy": kv_policy, "priority": priority, "context_tokens": context_tokens})
+                           "kv_policy": kv_policy, "priority": priority, "context_tokens": context_tokens,
+                           "cache_salt": cache_salt})
         finished = False
         try:
             while not finished:

@@ -75,11 +75,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     kv_policy: Any = None, priority: int = 0, token_override: TokenOverride | None = None,
-                    context_tokens: int | None = None) -> None:
+                    context_tokens: int | None = None, cache_salt: str | None = None) -> None:
         """Queue a request (InvalidRequest, naming the field, when it cannot be served); a
         `token_override` replaces each token it samples (see TokenOverride). `context_tokens`: the
         prompt's tokens before its last user message (a chat request), what a policy of scope
-        `context` may compress."""
+        `context` may compress. `cache_salt`: only requests with the same salt share prefix-cache blocks."""
         if request_id in self.seqs:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if priority and not self.scheduler.by_priority:
@@ -96,7 +96,8 @@ class LLMEngine:
                                  "is what precedes the last one)", "kv_policy.scope")
         shared_prefix, shared_tokens = None, 0
         if self.shared_prefixes.wanted(policy_params):
-            shared_prefix, shared_tokens = self.shared_prefixes.key(prompt_token_ids, policy_params, context_tokens)
+            shared_prefix, shared_tokens = self.shared_prefixes.key(prompt_token_ids, policy_params, context_tokens,
+                                                                    cache_salt)
             policy = self.shared_prefixes.serving_policy(len(prompt_token_ids))
         else:
             policy = create_policy(policy_params, len(prompt_token_ids), context_tokens)
@@ -113,7 +114,7 @@ class LLMEngine:
             seed=params.seed if params.seed is not None else random.getrandbits(63), priority=priority,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
             bad_words_ids=bad_words_token_ids(self.tokenizer, params.bad_words), token_override=token_override,
-            shared_prefix=shared_prefix, shared_prefix_tokens=shared_tokens,
+            shared_prefix=shared_prefix, shared_prefix_tokens=shared_tokens, cache_salt=cache_salt,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -183,7 +184,7 @@ class LLMEngine:
             if blocks <= seq.blocks_offered:
                 continue
             if len(seq.block_hashes) < blocks:
-                cache.extend_hashes(seq.block_hashes, seq.token_slice(0, blocks * cache.block_size))
+                cache.extend_hashes(seq.block_hashes, seq.token_slice(0, blocks * cache.block_size), seq.cache_salt)
             cache.insert(seq.row, seq.blocks_offered, seq.block_hashes[seq.blocks_offered:blocks], private=not shares)
             seq.blocks_offered = blocks
 

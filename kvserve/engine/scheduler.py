@@ -225,7 +225,7 @@ class Scheduler:
         cache = self.prefix_cache
         if cache is None:
             return 0
-        cache.extend_hashes(seq.block_hashes, seq.prompt_token_ids)
+        cache.extend_hashes(seq.block_hashes, seq.prompt_token_ids, seq.cache_salt)
         if seq.params.prompt_logprobs is not None or seq.policy.reads_prompt_chunks():
             return 0
         usable = (seq.num_tokens - max(1, seq.policy.prompt_end_window())) // self.table.block_size

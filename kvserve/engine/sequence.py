@@ -69,6 +69,7 @@ class Sequence:
     blocks_offered: int = 0
     policy_acted: bool = False
     num_cached_tokens: int | None = None
+    cache_salt: str | None = None  # only sequences with the same salt share prefix-cache blocks
     # `share_prefix`: the key of the compressed prefix it starts from and the prompt tokens that stands for;
     # a builder of one (kvserve/engine/shared_prefix.py) has `builds_prefix`, the key it builds
     shared_prefix: bytes | None = None

@@ -42,7 +42,8 @@ class SharedPrefixes:
     def wanted(params: PolicyParams) -> bool:
         return bool(getattr(params, "share_prefix", False))
 
-    def key(self, prompt: list[int], params: PolicyParams, context_tokens: int | None) -> tuple[bytes, int]:
+    def key(self, prompt: list[int], params: PolicyParams, context_tokens: int | None, salt: str | None = None
+            ) -> tuple[bytes, int]:
         """The compressed prefix a `share_prefix` request starts from: its key and its tokens
         (InvalidRequest, naming the field, when the request cannot have one)."""
         field = "kv_policy.share_prefix"
@@ -61,7 +62,7 @@ class SharedPrefixes:
         if blocks == 0:
             raise InvalidRequest(f"kv_policy.share_prefix: a prefix of {tokens} tokens holds no whole block of "
                                  f"{self.cache.block_size}", field)
-        hashes = self.cache.extend_hashes([], prompt[:blocks * self.cache.block_size])
+        hashes = self.cache.extend_hashes([], prompt[:blocks * self.cache.block_size], salt)
         policy = params.model_copy(update={"share_prefix": False, "scope": "all"}).model_dump_json()
         return hashlib.blake2b(hashes[-1] + policy.encode(), digest_size=16).digest(), blocks * self.cache.block_size
 
@@ -84,7 +85,8 @@ class SharedPrefixes:
                 request_id=f"shared-prefix-{key.hex()}", prompt_token_ids=prompt,
                 params=SamplingParams(max_tokens=0), policy_params=params,
                 policy=create_policy(params, len(prompt)), detokenizer=IncrementalDetokenizer(self.tokenizer, []),
-                seed=0, priority=seq.priority, builds_prefix=key, shared_prefix_tokens=seq.shared_prefix_tokens)
+                seed=0, priority=seq.priority, builds_prefix=key, shared_prefix_tokens=seq.shared_prefix_tokens,
+                cache_salt=seq.cache_salt)
             self.scheduler.add_before(builder, seq)
             self.building[key] = builder
 

@@ -61,8 +61,8 @@ class Sample:
 class Generation:
     def __init__(self, engine: AsyncEngine, admission: Admission, metrics: ServerMetrics, request_id: str,
                  prompts: Sequence[list[int]], params: SamplingParams, n: int, policy: PolicyParams,
-                 echo: Sequence[str] | None = None, priority: int = 0, context_tokens: Sequence[int] | None = None
-                 ) -> None:
+                 echo: Sequence[str] | None = None, priority: int = 0, context_tokens: Sequence[int] | None = None,
+                 cache_salt: str | None = None) -> None:
         """Admit the request (a 429 when the queue is full); nothing runs until `outputs()` is iterated.
         `echo`: each prompt's text, for responses that repeat it; `context_tokens`: each prompt's
         tokens before its last user message (for policies of scope `context`)."""
@@ -76,6 +76,7 @@ class Generation:
         self.policy = policy
         self.priority = priority
         self.context_tokens = context_tokens
+        self.cache_salt = cache_salt
         # with a seed, sample i draws from seed + i: reproducible, yet the n samples differ (as in vLLM)
         self.samples = [Sample(p * n + i, p, prompts[p], params if params.seed is None or i == 0
                                else dataclasses.replace(params, seed=params.seed + i),
@@ -89,7 +90,8 @@ class Generation:
         metrics = self.metrics
         context = self.context_tokens
         streams = [self.engine.generate(self._engine_id(s), self.prompts[s.prompt_index], s.params, self.policy,
-                                        self.priority, None if context is None else context[s.prompt_index])
+                                        self.priority, None if context is None else context[s.prompt_index],
+                                        self.cache_salt)
                    for s in self.samples]
         abandoned = False
         try:

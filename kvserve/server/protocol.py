@@ -94,6 +94,8 @@ class SamplingFields(OpenAIModel):
     # the response's id, after its prefix; it is sent back in a header, so printable ASCII only
     request_id: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")
     priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower runs first; needs --scheduling-policy priority
+    # vLLM's: the prefix cache is salted with it, so only requests with the same salt share cached blocks
+    cache_salt: str | None = Field(None, min_length=1)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -163,7 +163,7 @@ class Endpoint(ABC):
         except ValueError as e:
             raise invalid_request(e) from None
         return Generation(state.engine, state.admission, state.metrics, request_id, prompts, params, req.n, policy,
-                          echo, req.priority, context)
+                          echo, req.priority, context, req.cache_salt)
 
     def check_context(self, prompts: list[list[int]], max_tokens: int, prompt_param: str, max_param: str) -> None:
         """The engine's context-length rule for each prompt, naming this endpoint's fields."""
