@@ -62,3 +62,15 @@ def feed(runner: ModelRunner, seqs: list[Sequence], counts: list[int]) -> torch.
         if seq.row is None:
             seq.row = runner.table.acquire_row()
     return runner.execute(ScheduledBatch(seqs, counts)).logits
+
+
+def assert_idle_and_clear(engine) -> None:  # noqa: ANN001
+    """After a test: nothing runs, every page is free or held by the prefix cache alone (the pool's
+    invariants hold), and once the cache lets go every page is free; the next test starts cold."""
+    assert not engine.has_unfinished()
+    engine.runner.check_invariants(live_rows=[])
+    pool = engine.runner.pool
+    assert pool.pages_available == pool.capacity
+    if engine.runner.prefix_cache is not None:
+        engine.runner.prefix_cache.clear()
+    assert pool.pages_free == pool.capacity

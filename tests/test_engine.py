@@ -13,7 +13,7 @@ from kvserve.engine.llm_engine import InvalidRequest, LLMEngine
 from kvserve.engine.outputs import RequestOutput
 from kvserve.engine.sampling_params import SamplingParams
 from kvserve.eval.passkey import passkey_correct, passkey_prompt
-from tests.helpers import feed, make_sequence, needs_amx
+from tests.helpers import assert_idle_and_clear, feed, make_sequence, needs_amx
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -27,11 +27,8 @@ def engine():
 def pool_returns_to_full(request):
     yield
     if "engine" in request.fixturenames:
-        eng = request.getfixturevalue("engine")
-        assert not eng.has_unfinished()
-        eng.runner.check_invariants(live_rows=[])
-        assert eng.runner.pool.pages_available == eng.runner.pool.capacity
-        eng.runner.prefix_cache.clear()  # each test computes its prompts (a few count the steps that takes)
+        # each test computes its prompts (a few count the steps that takes)
+        assert_idle_and_clear(request.getfixturevalue("engine"))
 
 
 @pytest.fixture(scope="module")

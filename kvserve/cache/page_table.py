@@ -133,14 +133,7 @@ class PageTable:
         pages = max(1, int(_ceil_div(lens.max(), self.block_size)))
         return self.tables[rows, :, :, :pages], lens
 
-    def attach(self, row: int, pages: torch.Tensor) -> None:
-        """Start the empty `row` from `pages` [k, L, Hkv]: every head's first k pages, full ones (a
-        prefix of k blocks). The caller hands over one reference of each page to the row."""
-        k = pages.shape[0]
-        self.tables[row, :, :, :k] = pages.permute(1, 2, 0)
-        self.lengths[row] = k * self.block_size
-
-    def attach_heads(self, row: int, pages: torch.Tensor, lengths: torch.Tensor) -> None:
+    def attach(self, row: int, pages: torch.Tensor, lengths: torch.Tensor) -> None:
         """Start the empty `row` from `pages` [L, Hkv, P] with each head's `lengths` [L, Hkv] (a head's
         pages first, the null page after). The caller hands over one reference of each page to the row."""
         self.tables[row, :, :, :pages.shape[-1]] = pages

@@ -106,7 +106,8 @@ class PrefixCache:
                 raise
             self.pool.release(pages)
             pages = copies
-        self.table.attach(row, pages)
+        # every head's first k pages, full ones
+        self.table.attach(row, pages.permute(1, 2, 0), torch.full(pages.shape[1:], len(hashes) * self.block_size))
         self._touch(hashes)
 
     def insert(self, row: int, first: int, hashes: Sequence[bytes], private: bool) -> None:
@@ -162,7 +163,7 @@ class PrefixCache:
             column = pages.gather(-1, last[..., None])[..., 0]
             column[partial] = copies
             pages.scatter_(-1, last[..., None], column[..., None])
-        self.table.attach_heads(row, pages, entry.lengths)
+        self.table.attach(row, pages, entry.lengths)
         self.compressed.move_to_end(key)
         return entry.tokens
 

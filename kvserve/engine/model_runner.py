@@ -154,7 +154,8 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.long)
         held = self.tiers.device_pages_held(index).double()
         cache = self.prefix_cache
-        if cache is not None and cache.blocks and index.numel():
+        # sequences share pages only through cached entries, which stay while they do
+        if cache is not None and (cache.blocks or cache.compressed) and index.numel():
             readers = self.pool.refs - cache.cached.to(torch.int32)  # sequences holding each page
             if int(readers.max()) > 1:
                 held -= self.table.shared_excess(index, readers)
