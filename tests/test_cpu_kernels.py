@@ -173,6 +173,36 @@ def test_paged_prefill_cpu_observation_windows_and_float32_run_the_reference(dty
             assert torch.equal(got[1], expected[1])
 
 
+def dense_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """One chunk's causal attention over its heads' slots in float64: q [n, Hq, D], keys and values
+    [Hkv, S, D], lens [Hkv] (each head's chunk is its last n slots) -> [n, Hq, D]."""
+    n, q_heads, dim = q.shape
+    kv_heads, slots = keys.shape[:2]
+    group = q_heads // kv_heads
+    logits = torch.einsum("hgnd,hsd->hgns", q.double().transpose(0, 1).reshape(kv_heads, group, n, dim),
+                          keys.double()) * SCALE
+    visible = torch.arange(slots) < (lens[:, None, None, None] - n) + torch.arange(n)[:, None] + 1
+    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hgns,hsd->hgnd", probs, values.double()).reshape(q_heads, n, dim).transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_prefill_ref_is_attention_whatever_path_it_takes(dtype: torch.dtype) -> None:
+    # a prompt in one chunk (causal), later chunks over a prefix every head holds alike, and a chunk over
+    # ragged heads (masked), against float64 attention; bound: float32 rounding of sums over ~100 slots
+    # (1e-5), or bfloat16's output rounding (2^-8) and probabilities (1e-2), relative to the largest output
+    cache, tables, lens_view, q, starts = prefill_inputs([20, 40, 33, 9], [[20, 20], [104, 104], [97, 97],
+                                                                          [50, 31]], 3, 64, dtype)
+    got, _ = prefill.paged_prefill_ref(q, cache.k_pages, cache.v_pages, tables, lens_view, starts, SCALE)
+    for b in range(len(starts) - 1):
+        lens = lens_view[b].long()
+        keys, values = (prefill.gather_pages(pages, tables[b:b + 1])[0, :, :int(lens.max())]
+                        for pages in (cache.k_pages, cache.v_pages))
+        expected = dense_attention(q[starts[b]:starts[b + 1]], keys, values, lens)
+        bound = (1e-5 if dtype == torch.float32 else 1e-2) * float(expected.abs().max())
+        assert float((got[starts[b]:starts[b + 1]].double() - expected).abs().max()) <= bound
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "width"), [(1, 576), (3, 17), (700, 100)])  # 700 x 100 runs on both threads
 def test_rms_norm_matches_reference(dtype: torch.dtype, rows: int, width: int) -> None:

@@ -1,6 +1,8 @@
 """Runs the compression policies after each forward pass: one `act` call per policy class in the
 batch, on [n, L, Hkv, S] tensors gathered from the pool's slot metadata; then the moves into
-compressed tiers the policy asked for, and one vectorised eviction for all the heads that shrank."""
+compressed tiers the policy asked for, and one vectorised eviction for all the heads that shrank.
+A step where every sequence of a policy decodes one in, one out (`Policy.decode_score`) runs as one
+compiled pass over the tables instead, where the CPU kernels are built (kernels/decode_evict.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from kvserve.cache.page_table import PageTable
 from kvserve.cache.tier import TierSet
 from kvserve.engine.model_runner import Observations
 from kvserve.engine.scheduler import ScheduledBatch
+from kvserve.kernels import decode_evict
 from kvserve.policies.base import Policy, PolicyStep, Transfer, oldest
 
 
@@ -26,6 +29,8 @@ class PolicyRunner:
         self.attention_scale = attention_scale
         self.rope_inv_freq = rope_inv_freq
         self.tokens_evicted: Counter[str] = Counter()
+        pool = table.pool
+        self.compiled_eviction = decode_evict.available(table.tables, table.lengths, pool.k_pages, pool.v_pages)
 
     def observations(self, batch: ScheduledBatch) -> Observations:
         """What attention must report this step: decode scores? the probabilities and the queries
@@ -50,7 +55,37 @@ class PolicyRunner:
                 groups[type(seq.policy)].append(i)
                 seq.policy_acted = True
         for cls, members in groups.items():
-            self._run(cls, batch, members, meta)
+            if not self._evict_compiled(cls, batch, members, meta):
+                self._run(cls, batch, members, meta)
+
+    def _evict_compiled(self, cls: type[Policy], batch: ScheduledBatch, members: list[int],
+                        meta: AttentionMetadata) -> bool:
+        """One in, one out for `members` by the compiled pass; False, changing nothing, where it does
+        not apply (not every member decodes by a `decode_score` rule, or a head is over its budget by
+        more than the new token): then `act` runs."""
+        if not self.compiled_eviction or not meta.decode_scores or any(batch.counts[i] != 1 for i in members):
+            return False
+        seqs = [batch.seqs[i] for i in members]
+        rules = [s.policy.decode_score() for s in seqs]
+        if None in rules:
+            return False
+        table, pool = self.table, self.table.pool
+        rows = torch.tensor([s.row for s in seqs])
+        budget = torch.tensor([s.policy.budget() for s in seqs])
+        if int((table.lengths[rows] - budget[:, None, None]).max()) > 1:
+            return False
+        decode_row = {row: i for i, row in enumerate(meta.decode_rows.tolist())}
+        prompt_end = torch.tensor([s.policy.prompt_tokens for s in seqs])
+        newest = torch.tensor([s.num_computed - 1 for s in seqs])
+        freed, evicted = decode_evict.decode_evict_cpu(
+            rows, torch.tensor([decode_row[i] for i in members]), torch.tensor(rules), budget,
+            prompt_end - torch.tensor([s.policy.prompt_tail() for s in seqs]), prompt_end,
+            newest - torch.tensor([s.policy.recent() for s in seqs]),
+            [meta.decode_scores[layer][0] for layer in range(table.num_layers)], table.tables, table.lengths,
+            pool.k_pages, pool.v_pages, pool.slot_positions, pool.slot_scores, pool.slot_aux, self.group_size)
+        pool.release(freed)
+        self.tokens_evicted[cls.name] += int(evicted.sum())
+        return True
 
     def _run(self, cls: type[Policy], batch: ScheduledBatch, members: list[int], meta: AttentionMetadata) -> None:
         table, pool = self.table, self.table.pool

@@ -20,6 +20,10 @@ Invariants every policy keeps:
 - it never changes a page another sequence reads (prefix caching, kvserve/cache/prefix_cache.py):
   a sequence whose policy `ever_acts` holds no shared page (it starts from copies of cached pages and
   caches copies of its own), and one whose policy does not shares pages it never writes;
+- where `decode_score()` names a rule, a decode step's `act` is one in, one out: every slot scored by
+  that rule, then each head over `budget()` (by one token at most) drops its lowest-scoring slot
+  outside `protected_recent`; the runner may then run the compiled pass (kernels/decode_evict.py)
+  instead, which must leave the same slots, lengths and scores;
 - a sequence may start from a cached prompt prefix, skipping its prefill, only when its policy
   neither acts on nor observes a chunk that does not complete the prompt (`reads_prompt_chunks`):
   then what it does is the same whether the prefix was computed or found.
@@ -36,6 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvserve.cache.tier import TierKey
+from kvserve.kernels.decode_evict import DecodeScore
 
 
 class PolicyParams(BaseModel):
@@ -218,6 +223,11 @@ class Policy:
         (False: a cached prompt prefix may stand in for its prefill)."""
         return self.acts(False, False) or any(window(chunk, False) for chunk in (1, 1 << 20)
                                               for window in (self.prefill_window, self.query_window))
+
+    def decode_score(self) -> DecodeScore | None:
+        """The rule this sequence's decode steps rank by when they are one in, one out at `budget()`
+        (see the invariants), or None: `act` always runs."""
+        return None
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:

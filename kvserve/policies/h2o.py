@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from kvserve.kernels.decode_evict import DecodeScore
 from kvserve.policies.base import DEFAULT_RECENT, BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
 from kvserve.policies.pooling import PoolingKernel, pool_scores
 from kvserve.policies.registry import register
@@ -48,6 +49,10 @@ class H2OPolicy(BudgetPolicy):
 
     def prefill_window(self, chunk_tokens: int, prompt_done: bool) -> int:
         return chunk_tokens if self.params.window is None else min(self.params.window, chunk_tokens)
+
+    def decode_score(self) -> DecodeScore | None:
+        plain = not (self.params.adaptive or self.params.normalize or self.params.kernel != 1)
+        return DecodeScore.ACCUMULATED if plain else None
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from kvserve.kernels.decode_evict import DecodeScore
 from kvserve.policies.base import BudgetParams, BudgetPolicy, PolicyStep, keep_budget, protected_recent
 from kvserve.policies.registry import register
 
@@ -59,6 +60,11 @@ class TOVAPolicy(BudgetPolicy):
 
     def acts(self, decoding: bool, prompt_done: bool) -> bool:
         return decoding or prompt_done or self.params.chunked
+
+    def decode_score(self) -> DecodeScore | None:
+        if self.params.adaptive:
+            return None
+        return DecodeScore.LAYER_MEAN if self.params.heads == "layer" else DecodeScore.GROUP_MEAN
 
     @classmethod
     def act(cls, step: PolicyStep) -> torch.Tensor | None:
