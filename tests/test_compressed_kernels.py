@@ -15,7 +15,7 @@ from kvserve.kernels import cpu_library
 from kvserve.kernels.paged_decode import merge_attention
 from kvserve.kernels.quant_decode import attend_dense, quant_decode, quant_decode_cpu, quant_decode_ref
 from kvserve.kernels.quant_layout import QuantLayout, pack, quantize, unpack
-from kvserve.kernels.sparse_decode import sparse_decode_ref
+from kvserve.kernels.sparse_decode import sparse_decode_cpu, sparse_decode_ref
 from kvserve.kernels.thin_decode import thin_decode, thin_decode_cpu, thin_decode_ref
 
 SCALE = 0.2
@@ -207,6 +207,31 @@ def test_sparse_decode_attends_only_the_selected_tokens() -> None:
     expected_out, expected_lse = attend_dense(q, keys.gather(2, best), values.gather(2, best),
                                               torch.full_like(lens, 4), SCALE)
     assert torch.allclose(out, expected_out, atol=1e-5) and torch.allclose(lse, expected_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_sparse_decode_matches_its_reference(dim: int, dtype: torch.dtype) -> None:
+    """TailorKV's host-tier read by the compiled kernel against the torch reference: heads that hold
+    nothing, one token, several half pages of records; no token, one, a few on a quarter of the channels,
+    more than a head holds on all of them. The scores are continuous, so both rank the same tokens first."""
+    if not cpu_library.available():
+        pytest.fail("the compiled CPU kernels did not build: no C++ compiler on this machine")
+    counts = torch.tensor([[0, 1, 75], [33, 0, 130]])
+    _, key_table, value_table, keys, values = thin_case(dim, dim, counts, 7, dtype, pages=200)
+    q = torch.randn(2, 9, dim).to(dtype)
+    key_max = keys.float().abs().amax(2)
+    view = (key_table.view, key_table.tables[:, 0], value_table.view, value_table.tables[:, 0])
+    for select, scored in ((1, 8), (4, dim // 4), (40, dim), (1000, dim // 2)):  # 1: the second row attends none
+        args = (q, key_max, *view, counts.to(torch.int32), torch.tensor([select, select - 1]),
+                torch.tensor([scored, scored]), SCALE)
+        (out, lse), (expected_out, expected_lse) = sparse_decode_cpu(*args), sparse_decode_ref(*args)
+        assert out.dtype == dtype and not torch.isnan(out).any()
+        bound = 1e-5 if dtype == torch.float32 else bf16_bound(expected_out)
+        assert (out.float() - expected_out.float()).abs().max() <= bound, (select, scored)
+        finite = torch.isfinite(expected_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert torch.allclose(lse[finite], expected_lse[finite], atol=1e-4)
 
 
 def test_merge_attention_is_attention_over_the_union() -> None:

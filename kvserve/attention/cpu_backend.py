@@ -1,7 +1,6 @@
 """The compiled CPU path: the K/V store, decode attention, bfloat16 prefill attention and decode over
-the quantized (KIVI) and thin-key (ThinK) tiers in compiled kernels, which read keys and values
-where they lie in the pages instead of gathering a copy per step. The host tier (TailorKV's top-k
-read) runs its torch reference."""
+the quantized (KIVI), thin-key (ThinK) and host (TailorKV's top-k read) tiers in compiled kernels,
+which read keys and values where they lie in the pages instead of gathering a copy per step."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from kvserve.kernels import cpu_library
 from kvserve.kernels.paged_decode import paged_decode_cpu
 from kvserve.kernels.paged_prefill import paged_prefill_cpu
 from kvserve.kernels.quant_decode import quant_decode_cpu
-from kvserve.kernels.sparse_decode import sparse_decode_ref
+from kvserve.kernels.sparse_decode import sparse_decode_cpu
 from kvserve.kernels.store_kv import store_kv_cpu
 from kvserve.kernels.thin_decode import thin_decode_cpu
 
@@ -24,7 +23,7 @@ class CPUBackend(AttentionBackend):
     name = "cpu"
     quant_kernel = staticmethod(quant_decode_cpu)
     thin_kernel = staticmethod(thin_decode_cpu)
-    host_kernel = staticmethod(sparse_decode_ref)
+    host_kernel = staticmethod(sparse_decode_cpu)
 
     def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> None:
         if cpu_library.dtype_code(k_pages) is None:

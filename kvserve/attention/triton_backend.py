@@ -10,7 +10,7 @@ from kvserve.attention.registry import register
 from kvserve.kernels.paged_decode import paged_decode
 from kvserve.kernels.paged_prefill import paged_prefill
 from kvserve.kernels.quant_decode import quant_decode
-from kvserve.kernels.sparse_decode import sparse_decode_ref
+from kvserve.kernels.sparse_decode import sparse_decode_cpu
 from kvserve.kernels.store_kv import store_kv
 from kvserve.kernels.thin_decode import thin_decode
 
@@ -20,7 +20,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     quant_kernel = staticmethod(quant_decode)
     thin_kernel = staticmethod(thin_decode)
-    host_kernel = staticmethod(sparse_decode_ref)  # the host tier's tokens stay in host memory
+    host_kernel = staticmethod(sparse_decode_cpu)  # the host tier's tokens stay in host memory
 
     def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float) -> None:
         super().__init__(k_pages, v_pages, scale)

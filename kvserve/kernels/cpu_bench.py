@@ -28,10 +28,13 @@ attention for one layer over compressed tiers, against full precision, for the d
 the context but its newest 128 tokens quantized (quant_decode_cpu, in whole 32-token key groups),
 those 128 at full precision (paged_decode_cpu), merged by log-sum-exp, as a KIVI request attends.
 ThinK: all but the newest 32 tokens with `channel_ratio` of their key channels pruned
-(thin_decode_cpu), the 32 at full width, merged likewise. Records lie in pages in random order, and
+(thin_decode_cpu), the 32 at full width, merged likewise. TailorKV: its sparse layers' host tier
+(sparse_decode_cpu: every hosted key scored on 8 channels, the best 128 attended) beside 64 resident
+tokens, merged likewise. Records lie in pages in random order, and
 each case cycles through copies of its cache. Per case it prints the median time of the compiled
 kernels and of their torch references (the CPU path before the kernels: quant_decode_ref,
-thin_decode_ref), the bytes each kernel must read, and the ratio to full's time from the same run.
+thin_decode_ref, sparse_decode_ref), the bytes each kernel must read, and the ratio to full's time
+from the same run.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from kvserve.kernels.paged_decode import gather_pages, merge_attention, paged_de
 from kvserve.kernels.pointwise import silu_mul
 from kvserve.kernels.quant_decode import quant_decode_cpu, quant_decode_ref
 from kvserve.kernels.quant_layout import QuantLayout
+from kvserve.kernels.sparse_decode import sparse_decode_cpu, sparse_decode_ref
 from kvserve.kernels.thin_decode import thin_decode_cpu, thin_decode_ref
 from kvserve.model.config import ModelConfig
 from kvserve.model.loader import resolve_model
@@ -272,6 +276,8 @@ def decode_args(parser: argparse.ArgumentParser) -> None:
 # KIVI's defaults (policies/kivi.py): tokens per key group and the newest tokens kept at full precision;
 # ThinK's window (policies/think.py): the newest tokens kept at full width
 KIVI_GROUP, KIVI_RESIDUAL, THINK_WINDOW = 32, 128, 32
+# TailorKV's defaults (policies/tailorkv.py): resident tokens (sinks + recent), tokens attended, channels ranked
+TAILORKV_RESIDENT, TAILORKV_SELECT, TAILORKV_CHANNELS = 64, 128, 8
 
 
 def record_lists(batch: int, kv_heads: int, lists: list[tuple[int, int]], half_bytes: int
@@ -371,6 +377,28 @@ def think_case(q: torch.Tensor, kv_heads: int, context: int, channel_ratio: floa
     return tier_case(q, kv_heads, THINK_WINDOW, thin, copies, tier_copy, batch * kv_heads * thin * (keep + dim) * 4)
 
 
+def host_case(q: torch.Tensor, kv_heads: int, context: int, copies: int) -> TierCase:
+    """TailorKV's sparse layers at its defaults (policies/tailorkv.py): 64 resident tokens (sinks and the
+    prompt's last) at full precision, the rest in the host tier, 128 of them attended, ranked on 8 channels."""
+    batch, _, dim = q.shape
+    hosted = context - TAILORKV_RESIDENT
+    half_bytes = DECODE_BLOCK_SIZE * dim * 4
+    lens = torch.full((batch, kv_heads), hosted, dtype=torch.int32)
+
+    def tier_copy() -> tuple:
+        (keys, key_tables), (values, value_tables) = record_lists(
+            batch, kv_heads, [(hosted, dim * 4), (hosted, dim * 4)], half_bytes)
+        for view in (keys, values):
+            view.view(torch.float32).copy_(torch.randn(view.shape[0], view.shape[1], dim))
+        key_max = torch.rand(batch, kv_heads, dim) + 2
+        return (key_max, keys, key_tables, values, value_tables, lens, torch.full((batch,), TAILORKV_SELECT),
+                torch.full((batch,), TAILORKV_CHANNELS), dim**-0.5)
+
+    # every hosted key is read to rank it, the chosen tokens' values to attend them
+    read = batch * kv_heads * (hosted + TAILORKV_SELECT) * dim * 4
+    return tier_case(q, kv_heads, TAILORKV_RESIDENT, hosted, copies, tier_copy, read)
+
+
 def bench_tiers(args: argparse.Namespace) -> int:
     if not cpu_library.available():
         print("the compiled CPU kernels are not available here (no compiler, or KVSERVE_CPU_KERNELS=0)")
@@ -391,6 +419,7 @@ def bench_tiers(args: argparse.Namespace) -> int:
                     for bits in args.bits}
         builders[f"think-{args.channel_ratio:g}"] = (partial(think_case, q, kv_heads, context, args.channel_ratio),
                                                       thin_decode_cpu, thin_decode_ref)
+        builders["tailorkv"] = (partial(host_case, q, kv_heads, context), sparse_decode_cpu, sparse_decode_ref)
         print(f"{geometry:<16}{'full':<12}{full_bytes / 1e6:>9.1f}")
         for name, (build, ours, reference) in builders.items():
             # as many copies as fill the working set, as full's do
@@ -423,7 +452,8 @@ def tiers_args(parser: argparse.ArgumentParser) -> None:
 SECTIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "linear": ("float32 projections: ours vs torch's GEMM", linear_args, bench_linear),
     "decode": ("paged decode attention: ours vs torch's SDPA", decode_args, bench_decode),
-    "tiers": ("decode attention over KIVI and ThinK tiers vs full precision", tiers_args, bench_tiers),
+    "tiers": ("decode attention over KIVI, ThinK and TailorKV's host tiers vs full precision", tiers_args,
+              bench_tiers),
 }
 
 

@@ -62,6 +62,8 @@ SIGNATURES = {
                        _i32, _f32, _ptr, _ptr, _i32],
     "kv_quant_decode": [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr,
                         _ptr, _i32],
+    "kv_sparse_decode": [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i32, _i32, _i32, _i32,
+                         _f32, _ptr, _ptr, _i32],
     "kv_decode_evict": [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64,
                         _ptr, _i64, _i64, _i32, _i32, _i32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
                         _i32],
