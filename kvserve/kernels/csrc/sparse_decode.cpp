@@ -20,7 +20,8 @@ static void sparse_decode(const T* q, int64_t q_stride_b, const float* key_max, 
     const int group = q_heads / kv_heads;
     int64_t slots = 1;
     for (int64_t b = 0; b < batch; ++b)
-        for (int64_t h = 0; h < kv_heads; ++h) slots = std::max<int64_t>(slots, lens[b * lens_stride_b + h * lens_stride_h]);
+        for (int64_t h = 0; h < kv_heads; ++h)
+            slots = std::max<int64_t>(slots, lens[b * lens_stride_b + h * lens_stride_h]);
 #pragma omp parallel num_threads(threads)
     {
         std::vector<float> mean(dim), channel_score(dim), weight(dim), query(static_cast<size_t>(group) * dim);
@@ -52,7 +53,8 @@ static void sparse_decode(const T* q, int64_t q_stride_b, const float* key_max, 
             std::iota(channel_order.begin(), channel_order.end(), 0);
             std::partial_sort(channel_order.begin(), channel_order.begin() + scored, channel_order.end(),
                               [&](int a, int c) {
-                                  return channel_score[a] > channel_score[c] || (channel_score[a] == channel_score[c] && a < c);
+                                  return channel_score[a] > channel_score[c] ||
+                                         (channel_score[a] == channel_score[c] && a < c);
                               });
             std::sort(channel_order.begin(), channel_order.begin() + scored);
             for (int i = 0; i < scored; ++i) weight[i] = mean[channel_order[i]];
@@ -67,7 +69,9 @@ static void sparse_decode(const T* q, int64_t q_stride_b, const float* key_max, 
             });
             std::iota(token_order.begin(), token_order.begin() + len, 0);
             std::nth_element(token_order.begin(), token_order.begin() + (take - 1), token_order.begin() + len,
-                             [&](int64_t a, int64_t c) { return approx[a] > approx[c] || (approx[a] == approx[c] && a < c); });
+                             [&](int64_t a, int64_t c) {
+                                 return approx[a] > approx[c] || (approx[a] == approx[c] && a < c);
+                             });
             // the chosen keys and values, widened once, then attended as one contiguous float32 run (so
             // the tiles need no scratch for widening)
             chosen_keys.resize(take * dim);
